@@ -1,0 +1,5 @@
+"""lowbit: train and run neural networks with fewer bits and less memory."""
+from lowbit import act, codecs
+
+__version__ = "0.1.0"
+__all__ = ["act", "codecs", "__version__"]

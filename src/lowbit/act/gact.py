@@ -1,0 +1,141 @@
+"""GACT: per-tensor bit widths from each saved tensor's measured gradient sensitivity.
+
+Linearised model of the gradient error (GACT, ICML 2022): quantizing saved tensor ``l`` at
+``b`` bits adds gradient variance ``c_l * S_l(b)`` with
+
+    S_l(b) = R_l / (2**b - 1)**2,   R_l = sum over groups of numel_g * range_g**2 / 4,
+
+the stochastic-rounding variance of the tensor, and ``c_l`` its sensitivity. Every
+``interval`` steps the sensitivities are measured on one batch: a forward that keeps every
+tensor exact, the exact parameter gradient, then one extra backward per probed tensor in
+which only that tensor is quantized at ``probe_bits`` (the graph is retained, so a probe
+costs one backward, no forward). ``c_l = ||g_l - g||**2 / S_l(probe_bits)``, smoothed over
+estimates. At most ``max_probes`` tensors are probed per estimate (round robin) after the
+first, which probes all, so the overhead per estimate is bounded.
+
+Bits are then allocated to minimise ``sum_l c_l S_l(b_l)`` subject to
+``sum_l b_l numel_l <= budget * sum_l numel_l``, greedily by variance reduction per extra bit.
+"""
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass
+
+import torch
+
+from lowbit.act.policy import Policy, register_policy
+from lowbit.codecs.uniform import SUPPORTED_BITS
+
+
+@dataclass
+class TensorStat:
+    numel: int
+    rsq: float  # R_l: sum over groups of numel_g * range_g**2 / 4
+    sensitivity: float | None = None
+
+
+def allocate_bits(stats: dict[int, TensorStat], budget: float, choices=SUPPORTED_BITS) -> dict[int, int]:
+    """Greedy bit allocation: start every tensor at the lowest width, then repeatedly take the
+    upgrade with the largest variance reduction per extra stored bit that still fits the budget
+    ``sum b_l numel_l <= budget * sum numel_l``. Tensors without a sensitivity estimate get the
+    median sensitivity of the others."""
+    choices = sorted(choices)
+    if budget < choices[0]:
+        raise ValueError(f"average-bits budget {budget} is below the smallest width {choices[0]}")
+    known = sorted(s.sensitivity for s in stats.values() if s.sensitivity is not None)
+    fallback = known[len(known) // 2] if known else 1.0
+
+    def var(i: int, b: int) -> float:
+        s = stats[i]
+        c = s.sensitivity if s.sensitivity is not None else fallback
+        return c * s.rsq / float((1 << b) - 1) ** 2
+
+    level = {i: 0 for i in stats}
+    total = sum(s.numel for s in stats.values())
+    spent = choices[0] * total
+    limit = budget * total
+    heap: list[tuple[float, int]] = []
+
+    def push(i: int) -> None:
+        k = level[i]
+        if k + 1 < len(choices):
+            gain = var(i, choices[k]) - var(i, choices[k + 1])
+            cost = (choices[k + 1] - choices[k]) * stats[i].numel
+            heapq.heappush(heap, (-gain / max(cost, 1), i))
+
+    for i in stats:
+        push(i)
+    while heap:
+        _, i = heapq.heappop(heap)
+        k = level[i]
+        cost = (choices[k + 1] - choices[k]) * stats[i].numel
+        if spent + cost <= limit:
+            spent += cost
+            level[i] = k + 1
+            push(i)
+    return {i: choices[k] for i, k in level.items()}
+
+
+@register_policy("gact")
+class GactPolicy(Policy):
+    """Adaptive per-tensor widths under an average-bits budget (``bits``, may be fractional)."""
+
+    adaptive = True
+
+    def __init__(
+        self,
+        bits: float | None = 2,
+        interval: int = 100,
+        probe_bits: int = 2,
+        max_probes: int = 16,
+        momentum: float = 0.5,
+    ):
+        self.bits = 2.0 if bits is None else float(bits)
+        if not (min(SUPPORTED_BITS) <= self.bits <= max(SUPPORTED_BITS)):
+            raise ValueError(f"gact average bits must be within {SUPPORTED_BITS[0]}..{SUPPORTED_BITS[-1]}, got {bits}")
+        if interval < 1 or max_probes < 1:
+            raise ValueError("interval and max_probes must be >= 1")
+        self.interval = interval
+        self.probe_bits = probe_bits
+        self.max_probes = max_probes
+        self.momentum = momentum
+        self.default_bits = max(b for b in SUPPORTED_BITS if b <= self.bits)
+        self.stats: dict[int, TensorStat] = {}
+        self.assigned: dict[int, int] = {}
+        self.estimates = 0
+        self._cursor = 0
+
+    def bits_for(self, index: int, t: torch.Tensor) -> int | None:
+        return self.assigned.get(index, self.default_bits)
+
+    def describe(self) -> str:
+        return f"gact {self.bits:g}-bit avg"
+
+    def due(self, step: int) -> bool:
+        return step % self.interval == 0
+
+    def probe_order(self, indices: list[int]) -> list[int]:
+        """All indices on the first estimate, then ``max_probes`` of them round robin."""
+        if self.estimates == 0 or len(indices) <= self.max_probes:
+            return indices
+        start = self._cursor % len(indices)
+        self._cursor += self.max_probes
+        return [indices[(start + k) % len(indices)] for k in range(self.max_probes)]
+
+    def update(self, stats: dict[int, TensorStat], measured: dict[int, float]) -> None:
+        for i, s in stats.items():
+            old = self.stats.get(i)
+            c = measured.get(i)
+            if c is not None and old is not None and old.sensitivity is not None:
+                c = self.momentum * old.sensitivity + (1 - self.momentum) * c
+            elif c is None and old is not None:
+                c = old.sensitivity
+            s.sensitivity = c
+        self.stats = stats
+        self.assigned = allocate_bits(stats, self.bits)
+        self.estimates += 1
+
+
+def flat_grad(loss: torch.Tensor, params: list[torch.Tensor]) -> torch.Tensor:
+    grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+    return torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, params)])

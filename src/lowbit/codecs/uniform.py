@@ -1,0 +1,100 @@
+"""Per-group uniform k-bit quantization with stochastic (unbiased) or nearest rounding."""
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from lowbit.codecs.base import Packed, check_packed
+from lowbit.kernels import group_minmax, quantize_pack, unpack_dequant
+
+SUPPORTED_BITS = (1, 2, 4, 8)
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def check_bits(bits: int) -> int:
+    if isinstance(bits, bool) or not isinstance(bits, int) or bits not in SUPPORTED_BITS:
+        raise ValueError(f"unsupported bits={bits!r}: choose one of {SUPPORTED_BITS}")
+    return bits
+
+
+class UniformCodec:
+    """Float tensor -> per-group ``bits``-bit codes plus a (min, scale) pair per group.
+
+    The tensor is flattened and cut into groups of ``group_size`` consecutive elements. Each
+    element is stored as ``q = floor((x - min) / scale + u)`` with ``scale = (max - min) /
+    (2**bits - 1)``, ``u ~ U[0, 1)`` (``rounding="stochastic"``: unbiased, per-element variance
+    at most ``scale**2 / 4``) or ``u = 1/2`` (``"nearest"``: error at most ``scale / 2``).
+    Codes are packed densely into uint8 (``8 // bits`` per byte). Group minimum and scale are
+    stored in float16 when that is exact enough (the minimum rounded down and the scale rounded
+    up, and the encoder uses those very values, so rounding stays unbiased), else float32.
+
+    Non-finite inputs are detected from the group statistics and stored exactly, with a warning.
+    ``seed`` seeds a private generator: the global torch RNG is never consumed.
+    """
+
+    name = "uniform"
+
+    def __init__(self, bits: int = 2, group_size: int = 256, rounding: str = "stochastic", seed: int = 0):
+        self.bits = check_bits(bits)
+        if not isinstance(group_size, int) or group_size <= 0 or group_size % 8:
+            raise ValueError(f"group_size must be a positive multiple of 8, got {group_size!r}")
+        if rounding not in ("stochastic", "nearest"):
+            raise ValueError(f"rounding must be 'stochastic' or 'nearest', got {rounding!r}")
+        self.group_size = group_size
+        self.rounding = rounding
+        self._gen = torch.Generator().manual_seed(seed)
+
+    def __repr__(self) -> str:
+        return f"UniformCodec(bits={self.bits}, group_size={self.group_size}, rounding={self.rounding!r})"
+
+    def next_seed(self) -> int:
+        return int(torch.randint(0, 2**32, (1,), generator=self._gen))
+
+    def stats(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-group (min, max) of ``t`` flattened, float32 [ngroups] each."""
+        return group_minmax(_flat_float32(t), self.group_size)
+
+    def encode(self, t: torch.Tensor, bits: int | None = None) -> Packed:
+        """t: any shape, floating dtype, any strides. ``bits`` overrides the codec's width."""
+        bits = self.bits if bits is None else check_bits(bits)
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"expected a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"UniformCodec takes floating tensors {FLOAT_DTYPES}, got {t.dtype}")
+        t = t.detach()
+        if t.numel() == 0:
+            return Packed(self.name, t.shape, t.dtype, t.device, {}, {"mode": "empty"})
+        x = _flat_float32(t)
+        gmin, gmax = group_minmax(x, self.group_size)
+        if not bool(torch.isfinite(gmin).all() & torch.isfinite(gmax).all()):
+            warnings.warn(
+                f"tensor of shape {tuple(t.shape)} holds NaN or Inf: stored exactly, not compressed",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            return Packed(self.name, t.shape, t.dtype, t.device, {"data": t}, {"mode": "raw"})
+        codes, mins, scales, wide = quantize_pack(
+            x, self.group_size, gmin, gmax, bits, self.next_seed(), self.rounding == "stochastic"
+        )
+        if not bool(wide.any()):  # every (min, scale) is a float16 value: store them as such, exactly
+            mins, scales = mins.half(), scales.half()
+        info = {"mode": "quant", "bits": bits, "group_size": self.group_size}
+        return Packed(self.name, t.shape, t.dtype, t.device, {"codes": codes, "min": mins, "scale": scales}, info)
+
+    def decode(self, p: Packed) -> torch.Tensor:
+        check_packed(p, self.name)
+        mode = p.info["mode"]
+        if mode == "empty":
+            return torch.empty(p.shape, dtype=p.dtype, device=p.device)
+        if mode == "raw":
+            return p.payload["data"]
+        pl = p.payload
+        out = unpack_dequant(
+            pl["codes"], p.numel, p.info["group_size"], pl["min"].float(), pl["scale"].float(), p.info["bits"]
+        )
+        return out.view(p.shape).to(p.dtype)
+
+
+def _flat_float32(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().reshape(-1).to(torch.float32).contiguous()

@@ -1,0 +1,13 @@
+"""Offline data sets: Fashion-MNIST from IDX files, scikit-learn digits, the fortunes text corpus."""
+from lowbit.data.images import DatasetNotFound, fashion_mnist_dir, load_digits, load_fashion_mnist, load_images
+from lowbit.data.text import CharCorpus, load_fortunes
+
+__all__ = [
+    "DatasetNotFound",
+    "load_fashion_mnist",
+    "fashion_mnist_dir",
+    "load_digits",
+    "load_images",
+    "CharCorpus",
+    "load_fortunes",
+]

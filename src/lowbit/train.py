@@ -1,0 +1,140 @@
+"""Training loops shared by the CLI and the benchmarks: same seed, data order and schedule for
+every compression method, so differences come from the method alone."""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from lowbit.act import ActivationCompressor
+from lowbit.data import CharCorpus
+
+
+@dataclass
+class TrainResult:
+    metric_name: str  # "accuracy" (percent) or "val_loss"
+    metric: float
+    train_losses: list[float] = field(default_factory=list)
+    step_times: list[float] = field(default_factory=list)  # seconds per step, excluding GACT estimates
+    estimate_times: list[float] = field(default_factory=list)
+    report: dict = field(default_factory=dict)
+
+    @property
+    def median_step_time(self) -> float:
+        warm = self.step_times[min(5, len(self.step_times) - 1) :] if self.step_times else [float("nan")]
+        return statistics.median(warm)
+
+
+def _optimizer(model: nn.Module, lr: float, total_steps: int):
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(total_steps, 1), pct_start=0.15)
+    return opt, sched
+
+
+def _train_step(model, act, opt, sched, loss_fn, xb, yb, result: TrainResult) -> None:
+    t0 = time.perf_counter()
+    with act:
+        loss = loss_fn(model(xb), yb)
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    sched.step()
+    t1 = time.perf_counter()
+    result.step_times.append(t1 - t0)
+    result.train_losses.append(float(loss))
+    report = act.report()
+    result.report = report.to_dict()
+    act.step(lambda: loss_fn(model(xb), yb))
+    dt = time.perf_counter() - t1
+    if dt > 1e-3:
+        result.estimate_times.append(dt)
+
+
+@torch.no_grad()
+def evaluate_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000) -> float:
+    """Top-1 accuracy in percent."""
+    model.eval()
+    correct = sum(int((model(x[i : i + batch_size]).argmax(1) == y[i : i + batch_size]).sum()) for i in range(0, len(x), batch_size))
+    model.train()
+    return 100.0 * correct / max(len(x), 1)
+
+
+def train_classifier(
+    model: nn.Module,
+    train: tuple[torch.Tensor, torch.Tensor],
+    test: tuple[torch.Tensor, torch.Tensor],
+    act: ActivationCompressor,
+    epochs: int = 2,
+    batch_size: int = 128,
+    lr: float = 3e-3,
+    seed: int = 0,
+    max_steps: int | None = None,
+    progress: bool = True,
+    desc: str = "train",
+) -> TrainResult:
+    """Train on (images [N, C, H, W], labels [N]); returns test accuracy and per-step records."""
+    x, y = train
+    steps_per_epoch = (len(x) + batch_size - 1) // batch_size
+    total = epochs * steps_per_epoch if max_steps is None else min(max_steps, epochs * steps_per_epoch)
+    opt, sched = _optimizer(model, lr, total)
+    gen = torch.Generator().manual_seed(seed)
+    result = TrainResult("accuracy", float("nan"))
+    model.train()
+    bar = tqdm(total=total, desc=desc, disable=not progress, leave=False)
+    step = 0
+    for _ in range(epochs):
+        order = torch.randperm(len(x), generator=gen)
+        for i in range(0, len(x), batch_size):
+            if step >= total:
+                break
+            idx = order[i : i + batch_size]
+            _train_step(model, act, opt, sched, F.cross_entropy, x[idx], y[idx], result)
+            step += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{result.train_losses[-1]:.3f}")
+    bar.close()
+    result.metric = evaluate_classifier(model, *test)
+    return result
+
+
+def _lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+
+
+@torch.no_grad()
+def evaluate_lm(model: nn.Module, corpus: CharCorpus, batch_size: int, block: int, batches: int = 20, seed: int = 1234) -> float:
+    """Mean validation cross-entropy (nats per character) over fixed random windows."""
+    model.eval()
+    gen = torch.Generator().manual_seed(seed)
+    losses = [float(_lm_loss(model(x), y)) for x, y in (corpus.batch(batch_size, block, gen, "val") for _ in range(batches))]
+    model.train()
+    return sum(losses) / len(losses)
+
+
+def train_lm(
+    model: nn.Module,
+    corpus: CharCorpus,
+    act: ActivationCompressor,
+    steps: int = 300,
+    batch_size: int = 32,
+    block: int = 64,
+    lr: float = 3e-3,
+    seed: int = 0,
+    progress: bool = True,
+    desc: str = "train",
+) -> TrainResult:
+    """Next-character training on random windows; returns the validation loss."""
+    opt, sched = _optimizer(model, lr, steps)
+    gen = torch.Generator().manual_seed(seed)
+    result = TrainResult("val_loss", float("nan"))
+    model.train()
+    for _ in tqdm(range(steps), desc=desc, disable=not progress, leave=False):
+        xb, yb = corpus.batch(batch_size, block, gen)
+        _train_step(model, act, opt, sched, _lm_loss, xb, yb, result)
+    result.metric = evaluate_lm(model, corpus, batch_size, block)
+    return result
