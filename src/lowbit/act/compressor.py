@@ -27,6 +27,7 @@ from lowbit.act.gact import GactPolicy, TensorStat, flat_grad
 from lowbit.act.policy import NonePolicy, Policy, make_policy
 from lowbit.act.report import MemoryReport, ReportRow
 from lowbit.codecs import IndexCodec, MaskCodec, Packed, UniformCodec
+from lowbit.kernels import group_minmax
 
 _INPLACE_ERROR = (
     "one of the tensors saved for backward inside lowbit.act.ActivationCompressor (shape {shape}, "
@@ -117,7 +118,7 @@ class ActivationCompressor:
         group_size: elements per quantization group (a multiple of 8).
         min_numel: tensors with fewer elements are kept raw.
         seed: seed of the private generator used for stochastic rounding.
-        **options: method options (gact: ``interval``, ``probe_bits``, ``max_probes``, ``momentum``).
+        **options: method options (gact: ``interval``, ``probe_bits``, ``probe_draws``, ``max_probes``, ``momentum``).
 
     Usage::
 
@@ -241,12 +242,31 @@ class ActivationCompressor:
                 if bits is None:
                     entry = _Entry("float", raw=base, index=index)
                 else:
-                    packed = self._uniform.encode(base, bits=bits)
+                    packed = self._uniform.encode(base, bits=bits, group_size=self._group_for(base))
                     entry = _Entry("float", packed=packed, index=index)
         stored = entry.packed.nbytes if entry.packed is not None else raw_bytes
         bits_used = entry.packed.info.get("bits", 32) if entry.kind == "float" and entry.packed is not None else 32
         self._account(entry, t, raw_bytes, stored, bits_used)
         return entry
+
+    def _group_for(self, t: torch.Tensor) -> int:
+        """Groups that follow the tensor's structure, so each gets its own range:
+        - conv maps [N, C, H, W]: one channel plane (several small planes, to >= 64 elements),
+          as BatchNorm's backward is sensitive to channels with a small spread;
+        - (..., tokens, features) with 32..group_size features: one token row, as LayerNorm's
+          backward is sensitive to rows with a small spread (e.g. a class token);
+        - otherwise blocks of ``group_size``."""
+        gs = self._uniform.group_size
+        if t.dim() == 4 and t.is_contiguous():
+            plane = t.shape[2] * t.shape[3]
+            if plane >= 64:
+                return plane if plane <= 16 * gs else gs
+            if plane > 0:
+                return plane * -(-64 // plane)
+        d = t.shape[-1] if t.dim() >= 2 else 0
+        if 32 <= d <= gs:
+            return d
+        return gs
 
     def _unpack(self, saved):
         if not isinstance(saved, _Saved):
@@ -259,7 +279,8 @@ class ActivationCompressor:
             )
         entry = saved.entry
         if self._probe is not None and entry.kind == "float" and entry.index == self._probe.get("noisy"):
-            base = self._uniform.decode(self._uniform.encode(entry.raw, bits=self._probe["bits"]))
+            raw = entry.raw
+            base = self._uniform.decode(self._uniform.encode(raw, bits=self._probe["bits"], group_size=self._group_for(raw)))
         else:
             base = entry.decode(self._codecs)
         if entry.full_storage:
@@ -356,7 +377,7 @@ class ActivationCompressor:
             raise ValueError("GACT needs model= to measure sensitivities (the gradient w.r.t. its parameters)")
         params = [p for p in self.model.parameters() if p.requires_grad]
         buffers = {k: v.clone() for k, v in self.model.state_dict().items() if not isinstance(v, nn.Parameter)}
-        self._probe = {"stats": {}, "bits": self.policy.probe_bits, "noisy": None}
+        self._probe = {"stats": {}, "bits": None, "noisy": None}
         measured: dict[int, float] = {}
         try:
             with self:
@@ -365,10 +386,12 @@ class ActivationCompressor:
                 raise TypeError("the GACT closure must return the scalar loss of a forward pass (no backward)")
             exact = flat_grad(loss, params)
             stats: dict[int, TensorStat] = self._probe["stats"]
+            draws = self.policy.probe_draws
             for i in self.policy.probe_order(sorted(stats)):
-                self._probe["noisy"] = i
-                err = float((flat_grad(loss, params) - exact).pow(2).sum())
-                variance = stats[i].rsq / float((1 << self.policy.probe_bits) - 1) ** 2
+                bits = self.policy.probe_bits or stats[i].min_bits  # probe where the decision is hardest
+                self._probe["noisy"], self._probe["bits"] = i, bits
+                err = sum(float((flat_grad(loss, params) - exact).pow(2).sum()) for _ in range(draws)) / draws
+                variance = stats[i].rsq / float((1 << bits) - 1) ** 2
                 measured[i] = err / variance if variance > 0 else 0.0
             del loss
         finally:
@@ -381,12 +404,14 @@ class ActivationCompressor:
         return measured
 
     def _probe_stat(self, index: int, base: torch.Tensor) -> None:
-        mins, maxs = self._uniform.stats(base)
-        gs = self._uniform.group_size
+        gs = self._group_for(base)
+        mins, maxs = group_minmax(base.detach().reshape(-1).float().contiguous(), gs)
         counts = torch.full_like(mins, float(gs))
         counts[-1] = base.numel() - gs * (len(mins) - 1)
         rsq = float((counts * (maxs - mins).pow(2)).sum()) / 4.0
-        self._probe["stats"][index] = TensorStat(numel=base.numel(), rsq=rsq)
+        # ReLU-like tensors (groups with minimum exactly 0) lose their zeros at 1 bit: never go below 2
+        min_bits = 2 if float((mins == 0).float().mean()) > 0.5 else 1
+        self._probe["stats"][index] = TensorStat(numel=base.numel(), rsq=rsq, min_bits=min_bits)
 
     @property
     def bit_allocation(self) -> dict[int, int]:

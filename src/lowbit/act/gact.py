@@ -9,7 +9,9 @@ the stochastic-rounding variance of the tensor, and ``c_l`` its sensitivity. Eve
 ``interval`` steps the sensitivities are measured on one batch: a forward that keeps every
 tensor exact, the exact parameter gradient, then one extra backward per probed tensor in
 which only that tensor is quantized at ``probe_bits`` (the graph is retained, so a probe
-costs one backward, no forward). ``c_l = ||g_l - g||**2 / S_l(probe_bits)``, smoothed over
+costs one backward, no forward), by default at the lowest width the tensor may get, where the
+allocation decision is hardest. ``c_l = ||g_l - g||**2 / S_l(probe_bits)``, averaged over
+``probe_draws`` rounding draws and smoothed over
 estimates. At most ``max_probes`` tensors are probed per estimate (round robin) after the
 first, which probes all, so the overhead per estimate is bounded.
 
@@ -32,10 +34,11 @@ class TensorStat:
     numel: int
     rsq: float  # R_l: sum over groups of numel_g * range_g**2 / 4
     sensitivity: float | None = None
+    min_bits: int = 1  # lowest width allowed (2 for ReLU-like tensors, whose zeros 1 bit cannot keep)
 
 
 def allocate_bits(stats: dict[int, TensorStat], budget: float, choices=SUPPORTED_BITS) -> dict[int, int]:
-    """Greedy bit allocation: start every tensor at the lowest width, then repeatedly take the
+    """Greedy bit allocation: start every tensor at its lowest allowed width, then repeatedly take the
     upgrade with the largest variance reduction per extra stored bit that still fits the budget
     ``sum b_l numel_l <= budget * sum numel_l``. Tensors without a sensitivity estimate get the
     median sensitivity of the others."""
@@ -50,9 +53,9 @@ def allocate_bits(stats: dict[int, TensorStat], budget: float, choices=SUPPORTED
         c = s.sensitivity if s.sensitivity is not None else fallback
         return c * s.rsq / float((1 << b) - 1) ** 2
 
-    level = {i: 0 for i in stats}
+    level = {i: next(k for k, b in enumerate(choices) if b >= s.min_bits) for i, s in stats.items()}
     total = sum(s.numel for s in stats.values())
-    spent = choices[0] * total
+    spent = sum(choices[level[i]] * s.numel for i, s in stats.items())
     limit = budget * total
     heap: list[tuple[float, int]] = []
 
@@ -86,7 +89,8 @@ class GactPolicy(Policy):
         self,
         bits: float | None = 2,
         interval: int = 100,
-        probe_bits: int = 2,
+        probe_bits: int | None = None,
+        probe_draws: int = 2,
         max_probes: int = 16,
         momentum: float = 0.5,
     ):
@@ -97,6 +101,7 @@ class GactPolicy(Policy):
             raise ValueError("interval and max_probes must be >= 1")
         self.interval = interval
         self.probe_bits = probe_bits
+        self.probe_draws = probe_draws
         self.max_probes = max_probes
         self.momentum = momentum
         self.default_bits = max(b for b in SUPPORTED_BITS if b <= self.bits)

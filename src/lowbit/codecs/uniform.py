@@ -25,7 +25,7 @@ class UniformCodec:
     element is stored as ``q = floor((x - min) / scale + u)`` with ``scale = (max - min) /
     (2**bits - 1)``, ``u ~ U[0, 1)`` (``rounding="stochastic"``: unbiased, per-element variance
     at most ``scale**2 / 4``) or ``u = 1/2`` (``"nearest"``: error at most ``scale / 2``).
-    Codes are packed densely into uint8 (``8 // bits`` per byte). Group minimum and scale are
+    Codes are packed densely into uint8 (``8 // bits`` per byte, each group in whole bytes). Group minimum and scale are
     stored in float16 when that is exact enough (the minimum rounded down and the scale rounded
     up, and the encoder uses those very values, so rounding stays unbiased), else float32.
 
@@ -37,8 +37,7 @@ class UniformCodec:
 
     def __init__(self, bits: int = 2, group_size: int = 256, rounding: str = "stochastic", seed: int = 0):
         self.bits = check_bits(bits)
-        if not isinstance(group_size, int) or group_size <= 0 or group_size % 8:
-            raise ValueError(f"group_size must be a positive multiple of 8, got {group_size!r}")
+        _check_group(group_size)
         if rounding not in ("stochastic", "nearest"):
             raise ValueError(f"rounding must be 'stochastic' or 'nearest', got {rounding!r}")
         self.group_size = group_size
@@ -51,13 +50,11 @@ class UniformCodec:
     def next_seed(self) -> int:
         return int(torch.randint(0, 2**32, (1,), generator=self._gen))
 
-    def stats(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-group (min, max) of ``t`` flattened, float32 [ngroups] each."""
-        return group_minmax(_flat_float32(t), self.group_size)
-
-    def encode(self, t: torch.Tensor, bits: int | None = None) -> Packed:
-        """t: any shape, floating dtype, any strides. ``bits`` overrides the codec's width."""
+    def encode(self, t: torch.Tensor, bits: int | None = None, group_size: int | None = None) -> Packed:
+        """t: any shape, floating dtype, any strides. ``bits`` and ``group_size`` override the
+        codec's own for this call."""
         bits = self.bits if bits is None else check_bits(bits)
+        group_size = self.group_size if group_size is None else _check_group(group_size)
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"expected a torch.Tensor, got {type(t).__name__}")
         if t.dtype not in FLOAT_DTYPES:
@@ -66,7 +63,7 @@ class UniformCodec:
         if t.numel() == 0:
             return Packed(self.name, t.shape, t.dtype, t.device, {}, {"mode": "empty"})
         x = _flat_float32(t)
-        gmin, gmax = group_minmax(x, self.group_size)
+        gmin, gmax = group_minmax(x, group_size)
         if not bool(torch.isfinite(gmin).all() & torch.isfinite(gmax).all()):
             warnings.warn(
                 f"tensor of shape {tuple(t.shape)} holds NaN or Inf: stored exactly, not compressed",
@@ -75,11 +72,11 @@ class UniformCodec:
             )
             return Packed(self.name, t.shape, t.dtype, t.device, {"data": t}, {"mode": "raw"})
         codes, mins, scales, wide = quantize_pack(
-            x, self.group_size, gmin, gmax, bits, self.next_seed(), self.rounding == "stochastic"
+            x, group_size, gmin, gmax, bits, self.next_seed(), self.rounding == "stochastic"
         )
         if not bool(wide.any()):  # every (min, scale) is a float16 value: store them as such, exactly
             mins, scales = mins.half(), scales.half()
-        info = {"mode": "quant", "bits": bits, "group_size": self.group_size}
+        info = {"mode": "quant", "bits": bits, "group_size": group_size}
         return Packed(self.name, t.shape, t.dtype, t.device, {"codes": codes, "min": mins, "scale": scales}, info)
 
     def decode(self, p: Packed) -> torch.Tensor:
@@ -94,6 +91,12 @@ class UniformCodec:
             pl["codes"], p.numel, p.info["group_size"], pl["min"].float(), pl["scale"].float(), p.info["bits"]
         )
         return out.view(p.shape).to(p.dtype)
+
+
+def _check_group(group_size: int) -> int:
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size <= 0:
+        raise ValueError(f"group_size must be a positive integer, got {group_size!r}")
+    return group_size
 
 
 def _flat_float32(t: torch.Tensor) -> torch.Tensor:

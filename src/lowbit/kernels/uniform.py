@@ -2,11 +2,12 @@
 
 Layout shared by every implementation here: the input is a flat float32 array of ``n``
 elements split into consecutive groups of ``group_size`` elements (the last group may be
-short). Element ``i`` is stored in byte ``i // (8 // bits)`` at bit offset
-``(i % (8 // bits)) * bits``, so ``group_size * bits`` must be a multiple of 8 for groups to
-own whole bytes.
+short). Each group owns ``ceil(group_size * bits / 8)`` whole bytes (group ``g`` starts at byte
+``g * that``); element ``k`` of a group sits in the group's byte ``k // (8 // bits)`` at bit
+offset ``(k % (8 // bits)) * bits``. Any group size works; multiples of ``8 // bits`` waste no bits.
 
-Stochastic rounding draws ``u ~ U[0, 1)`` (16-bit steps) from a counter-based hash of ``(seed, i // 2)``: the numba
+Stochastic rounding draws ``u ~ U[0, 1)`` (16-bit steps) from a counter-based hash of
+``(seed, i // 2)`` (element ``i`` takes the low or high half by its parity): the numba
 kernels and the torch reference compute identical bits, which lets tests compare them exactly
 and keeps the global torch RNG untouched (dropout masks stay the same with or without
 compression).
@@ -44,36 +45,44 @@ def _hash32(seed: np.uint64, i: np.uint64) -> np.uint64:
     return x
 
 
+_POS_TINY = np.float32(2.0**-24)  # what a positive that rounded to the bottom decodes to (> 0 in fp16 too)
 _HALF_MAX = 60000.0  # under float16's 65504, with room for the scale's rounding up
 _HALF_TINY = 2.0**-14  # smallest normal float16; below it float16 steps are 2**-24
 _MIN_LOSS = 0.05  # the float16 minimum may sit at most this fraction of the range below the true one
 
 
 @numba.njit(inline="always")
-def _to_half_grid(v: float, up: bool) -> float:
-    """``v`` rounded down (or up) to the nearest float16 value, in float64 (finite, |v| < 65504)."""
-    if v == 0.0:
-        return 0.0
-    if abs(v) < _HALF_TINY:
-        step = 2.0**-24
-        return (math.ceil(v / step) if up else math.floor(v / step)) * step
-    m, e = math.frexp(v)
-    m = math.ceil(m * 2048.0) if up else math.floor(m * 2048.0)
-    return math.ldexp(m / 2048.0, e)
+def _to_half_grid(v, up, f32, u32):
+    """float32 ``v`` rounded down (or up) to a float16 value (|v| < 65504), by clearing the 13
+    mantissa bits float16 lacks; ``f32``/``u32`` are a 1-element scratch and its uint32 view."""
+    a = abs(v)
+    if a == np.float32(0.0):
+        return np.float32(0.0)
+    if a < np.float32(_HALF_TINY):  # float16 subnormals: multiples of 2**-24
+        k = v * np.float32(16777216.0)
+        k = np.ceil(k) if up else np.floor(k)
+        return k * np.float32(1.0 / 16777216.0)
+    f32[0] = v
+    bits = u32[0]
+    low = bits & np.uint32(0x1FFF)
+    bits = bits & np.uint32(0xFFFFE000)  # toward zero
+    if low != np.uint32(0) and ((v > np.float32(0.0)) == up):
+        bits = bits + np.uint32(0x2000)  # away from zero (a carry bumps the exponent, as it should)
+    u32[0] = bits
+    return f32[0]
 
 
 @numba.njit(inline="always")
-def _group_meta(mn: float, mx: float, levels: float):
+def _group_meta(mn, mx, levels, f32, u32):
     """(min, scale, needs_float32) for one group: the minimum rounded down and the scale rounded
     up to float16 values when float16 represents them well enough, else float32 values."""
-    if max(abs(mn), abs(mx)) < _HALF_MAX:
-        m16 = _to_half_grid(mn, False)
-        if mn - m16 <= _MIN_LOSS * (mx - mn):
-            s16 = _to_half_grid((mx - m16) / levels, True)
-            if s16 == 0.0 or s16 >= _HALF_TINY:
-                return np.float32(m16), np.float32(s16), False
-    s = np.float32((np.float32(mx) - np.float32(mn)) / np.float32(levels))
-    return np.float32(mn), s, True
+    if max(abs(mn), abs(mx)) < np.float32(_HALF_MAX):
+        m16 = _to_half_grid(mn, False, f32, u32)
+        if mn - m16 <= np.float32(_MIN_LOSS) * (mx - mn):
+            s16 = _to_half_grid((mx - m16) / levels, True, f32, u32)
+            if s16 == np.float32(0.0) or s16 >= np.float32(_HALF_TINY):
+                return m16, s16, False
+    return mn, (mx - mn) / levels, True
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
@@ -91,32 +100,54 @@ def _quantize_pack_nb(x, group_size, gmin, gmax, bits, seed, stochastic, ntasks,
     chunk = (ngroups + ntasks - 1) // ntasks
     for task in numba.prange(ntasks):
         buf = np.empty(group_size + 8, np.uint8)
+        f32 = np.empty(1, np.float32)
+        u32 = f32.view(np.uint32)
         for g in range(task * chunk, min(ngroups, (task + 1) * chunk)):
             s = g * group_size
             e = min(s + group_size, n)
-            m, sc, w = _group_meta(np.float64(gmin[g]), np.float64(gmax[g]), np.float64(levels))
+            zp = bits > 1 and gmin[g] == zero and gmax[g] > zero
+            if zp:  # zero-preserving group: code 0 is exact zero, positives take codes 1..levels
+                m, sc, w = _group_meta(zero, gmax[g], levels - np.float32(1.0), f32, u32)
+                m, top, off, cut = np.float32(-0.0), ilevels - 1, 1, zero
+            else:
+                m, sc, w = _group_meta(gmin[g], gmax[g], levels, f32, u32)
+                top, off, cut = ilevels, 0, np.float32(-np.inf)
             mins[g] = m
             scales[g] = sc
             wide[g] = w
             inv = np.float32(1.0) / sc if sc > zero else zero
             if stochastic:
-                # one 32-bit hash serves two elements (16 bits of dither each); groups start even
-                for j in range((e - s) // 2):
-                    i = s + 2 * j
+                # one 32-bit hash serves an aligned pair of elements (16 bits of dither each)
+                first = s
+                if s % 2:  # odd start: this element takes the high half of its pair's hash
+                    h = _hash32(useed, np.uint64(s >> 1))
+                    u1 = np.float32(h >> np.uint64(16)) * _INV16
+                    buf[0] = _code(x[s], m, inv, u1, top, off, cut)
+                    first = s + 1
+                for j in range((e - first) // 2):
+                    i = first + 2 * j
                     h = _hash32(useed, np.uint64(i >> 1))
                     u0 = np.float32(h & np.uint64(0xFFFF)) * _INV16
                     u1 = np.float32(h >> np.uint64(16)) * _INV16
-                    buf[2 * j] = np.uint8(min(np.int32((x[i] - m) * inv + u0), ilevels))  # >= 0: trunc is floor
-                    buf[2 * j + 1] = np.uint8(min(np.int32((x[i + 1] - m) * inv + u1), ilevels))
-                if (e - s) % 2:
+                    buf[i - s] = _code(x[i], m, inv, u0, top, off, cut)
+                    buf[i + 1 - s] = _code(x[i + 1], m, inv, u1, top, off, cut)
+                if (e - first) % 2:
                     h = _hash32(useed, np.uint64((e - 1) >> 1))
                     u0 = np.float32(h & np.uint64(0xFFFF)) * _INV16
-                    buf[e - 1 - s] = np.uint8(min(np.int32((x[e - 1] - m) * inv + u0), ilevels))
+                    buf[e - 1 - s] = _code(x[e - 1], m, inv, u0, top, off, cut)
             else:
                 for i in range(s, e):
-                    q = np.int32((x[i] - m) * inv + half)
-                    buf[i - s] = np.uint8(min(q, ilevels))
-            _pack_codes(buf, e - s, bits, codes, s // per_byte)
+                    buf[i - s] = _code(x[i], m, inv, half, top, off, cut)
+            _pack_codes(buf, e - s, bits, codes, g * ((group_size * bits + 7) // 8))
+
+
+@numba.njit(inline="always")
+def _code(v, m, inv, u, top, off, cut):
+    """Code of one element: floor((v - m) * inv + u) clipped to ``top`` (v >= m, so truncation is
+    floor), shifted by ``off``; elements not above ``cut`` (exact zeros of a zero-preserving
+    group) take code 0."""
+    c = min(np.int32((v - m) * inv + u), top) + off
+    return np.uint8(c if v > cut else 0)
 
 
 @numba.njit(inline="always")
@@ -152,8 +183,14 @@ def _unpack_dequant_nb(packed, group_size, mins, scales, bits, out):
         e = min(s + group_size, n)
         m = mins[g]
         sc = scales[g]
-        b0 = s // per_byte
-        full = (e - s) // per_byte  # whole bytes of this group; a short last group ends in a partial one
+        b0 = g * ((group_size * bits + 7) // 8)
+        full = (e - s) // per_byte  # whole bytes of this group; a short group ends in a partial one
+        if m == np.float32(0.0) and math.copysign(1.0, m) < 0.0:  # -0.0 marks a zero-preserving group
+            for k in range(e - s):
+                q = (np.int32(packed[b0 + k // per_byte]) >> ((k % per_byte) * bits)) & mask
+                v = np.float32(q - 1) * sc
+                out[s + k] = v if q > 1 else (_POS_TINY if q == 1 else np.float32(0.0))
+            continue
         if bits == 2:
             for j in range(full):
                 byte = np.int32(packed[b0 + j])
@@ -174,9 +211,9 @@ def _unpack_dequant_nb(packed, group_size, mins, scales, bits, out):
                 byte = np.int32(packed[b0 + j])
                 for k in range(8):
                     out[s + 8 * j + k] = np.float32((byte >> k) & 1) * sc + m
-        for i in range(s + full * per_byte, e):
-            q = (np.int32(packed[i // per_byte]) >> ((i % per_byte) * bits)) & mask
-            out[i] = np.float32(q) * sc + m
+        for k in range(full * per_byte, e - s):
+            q = (np.int32(packed[b0 + k // per_byte]) >> ((k % per_byte) * bits)) & mask
+            out[s + k] = np.float32(q) * sc + m
 
 
 _PACK_CHUNK = 1 << 16  # codes per parallel task in the standalone (un)packers
@@ -249,31 +286,37 @@ def group_minmax(x: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.
 
 
 def _to_half_grid_torch(v: torch.Tensor, up: bool) -> torch.Tensor:
-    v64 = v.double()
-    rnd = torch.ceil if up else torch.floor
-    m, e = torch.frexp(v64)
-    normal = torch.ldexp(rnd(m * 2048.0) / 2048.0, e.double())
-    tiny = rnd(v64 / 2.0**-24) * 2.0**-24
-    return torch.where(v64 == 0, v64, torch.where(v64.abs() < _HALF_TINY, tiny, normal))
+    """Reference of the kernels' float32 -> float16-grid rounding (down, or up)."""
+    bits = v.view(torch.int32)
+    low = bits & 0x1FFF
+    trunc = bits & ~0x1FFF
+    away = (low != 0) & ((v > 0) == up)
+    normal = torch.where(away, trunc + 0x2000, trunc).view(torch.float32)
+    k = v * 16777216.0
+    tiny = (torch.ceil(k) if up else torch.floor(k)) * (1.0 / 16777216.0)
+    return torch.where(v == 0, torch.zeros_like(v), torch.where(v.abs() < _HALF_TINY, tiny, normal))
 
 
-def group_meta_torch(gmin: torch.Tensor, gmax: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Reference of the kernels' per-group (min, scale, needs_float32)."""
-    levels = float((1 << bits) - 1)
-    mn, mx = gmin.double(), gmax.double()
-    m16 = _to_half_grid_torch(mn, False)
-    s16 = _to_half_grid_torch((mx - m16) / levels, True)
-    ok = (torch.maximum(mn.abs(), mx.abs()) < _HALF_MAX) & (mn - m16 <= _MIN_LOSS * (mx - mn))
+def group_meta_torch(gmin: torch.Tensor, gmax: torch.Tensor, levels: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Reference of the kernels' per-group (min, scale, needs_float32) for ``levels`` steps."""
+    levels = float(levels)
+    m16 = _to_half_grid_torch(gmin, False)
+    s16 = _to_half_grid_torch((gmax - m16) / levels, True)
+    ok = (torch.maximum(gmin.abs(), gmax.abs()) < _HALF_MAX) & (gmin - m16 <= _MIN_LOSS * (gmax - gmin))
     ok &= (s16 == 0) | (s16 >= _HALF_TINY)
-    s32 = (gmax - gmin) / levels
-    return torch.where(ok, m16.float(), gmin), torch.where(ok, s16.float(), s32), ~ok
+    return torch.where(ok, m16, gmin), torch.where(ok, s16, (gmax - gmin) / levels), ~ok
 
 
 def quantize_pack_torch(
     x: torch.Tensor, group_size: int, gmin: torch.Tensor, gmax: torch.Tensor, bits: int, seed: int, stochastic: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     n = x.numel()
-    mins, scales, wide = group_meta_torch(gmin, gmax, bits)
+    levels = (1 << bits) - 1
+    zp = (gmin == 0) & (gmax > 0) & (bits > 1)
+    mins, scales, wide = group_meta_torch(gmin, gmax, levels)
+    zmins, zscales, zwide = group_meta_torch(torch.zeros_like(gmin), gmax, levels - 1)
+    mins = torch.where(zp, torch.full_like(mins, -0.0), mins)
+    scales, wide = torch.where(zp, zscales, scales), torch.where(zp, zwide, wide)
     g = _padded_groups(x, group_size, 0.0)
     sc = scales.unsqueeze(1)
     if stochastic:
@@ -281,17 +324,34 @@ def quantize_pack_torch(
     else:
         u = torch.full_like(g, 0.5)
     inv = torch.where(sc > 0, 1.0 / sc, torch.zeros_like(sc))
-    q = torch.floor((g - mins.unsqueeze(1)) * inv + u).clamp_(0.0, float((1 << bits) - 1))
-    return pack_bits_torch(q.reshape(-1)[:n].to(torch.uint8), bits), mins, scales, wide
+    top = torch.where(zp, levels - 1, levels).unsqueeze(1).float()
+    q = torch.minimum(torch.floor((g - mins.unsqueeze(1)) * inv + u), top) + zp.unsqueeze(1).float()
+    q = torch.where(zp.unsqueeze(1) & (g <= 0), torch.zeros_like(q), q).to(torch.uint8)
+    q.view(-1)[n:] = 0  # the short last group's padding packs as zero bits
+    per_byte = 8 // bits
+    q = torch.cat([q, q.new_zeros(len(q), (-group_size) % per_byte)], dim=1)  # each group: whole bytes
+    packed = pack_bits_torch(q.reshape(-1), bits)
+    return packed[: packed_nbytes(n, group_size, bits)], mins, scales, wide
 
 
 def unpack_dequant_torch(
     packed: torch.Tensor, n: int, group_size: int, mins: torch.Tensor, scales: torch.Tensor, bits: int
 ) -> torch.Tensor:
-    q = unpack_bits_torch(packed, bits, n).to(torch.float32)
-    g = _padded_groups(q, group_size, 0.0)
-    out = g * scales.unsqueeze(1) + mins.unsqueeze(1)
+    ngroups = mins.numel()
+    bpg = (group_size * bits + 7) // 8
+    full = torch.cat([packed, packed.new_zeros(ngroups * bpg - packed.numel())])
+    q = unpack_bits_torch(full, bits, ngroups * bpg * (8 // bits)).view(ngroups, -1)[:, :group_size]
+    out = q.to(torch.float32) * scales.unsqueeze(1) + mins.unsqueeze(1)
+    zp = ((mins == 0) & torch.signbit(mins)).unsqueeze(1)
+    zero_pres = torch.where(q > 1, (q.to(torch.float32) - 1) * scales.unsqueeze(1), torch.where(q == 1, float(_POS_TINY), 0.0))
+    out = torch.where(zp, zero_pres, out)
     return out.reshape(-1)[:n]
+
+
+def packed_nbytes(n: int, group_size: int, bits: int) -> int:
+    """Bytes of the codes of ``n`` elements in groups of ``group_size`` (each group byte-aligned)."""
+    full, last = divmod(n, group_size)
+    return full * ((group_size * bits + 7) // 8) + (last * bits + 7) // 8
 
 
 def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
@@ -345,13 +405,13 @@ def quantize_pack(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """x: flat contiguous float32 [n]; gmin/gmax: finite per-group min/max float32 [ngroups].
 
-    Returns (codes uint8 [ceil(n*bits/8)], mins float32, scales float32, needs_float32 bool),
+    Returns (codes uint8 [packed_nbytes(n, group_size, bits)], mins float32, scales float32, needs_float32 bool),
     the last three [ngroups]: the (min, scale) the codes were made with, which are float16
     values wherever ``needs_float32`` is False."""
     if x.device.type != "cpu":
         return quantize_pack_torch(x, group_size, gmin, gmax, bits, seed, stochastic)
     ngroups = gmin.numel()
-    codes = torch.empty(math.ceil(x.numel() * bits / 8), dtype=torch.uint8)
+    codes = torch.empty(packed_nbytes(x.numel(), group_size, bits), dtype=torch.uint8)
     mins = torch.empty(ngroups, dtype=torch.float32)
     scales = torch.empty(ngroups, dtype=torch.float32)
     wide = torch.empty(ngroups, dtype=torch.bool)

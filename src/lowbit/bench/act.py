@@ -1,0 +1,171 @@
+"""`lowbit bench act`: none / uniform 8-4-2 / gact on the ResNet, ViT (Fashion-MNIST) and the
+character GPT (fortunes), with the same seed, data order and schedule for every method.
+
+Per (model, method): final test accuracy or validation loss and its difference to none, the
+median step time and its ratio to none (same process), lowbit's byte accounting, the memory
+held between forward and backward measured end to end (child-process RSS on CPU), and the
+gradient quality on a fixed batch (cosine to the exact gradient, relative squared error,
+averaged over several stochastic-rounding draws).
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from lowbit.act import ActivationCompressor
+from lowbit.bench.common import (
+    METHODS,
+    fortunes_corpus,
+    have_matplotlib,
+    image_data,
+    markdown_table,
+    method_label,
+    reference_model,
+    write_json,
+)
+from lowbit.bench.memory import measure_held_memory
+from lowbit.train import train_classifier, train_lm
+
+DEFAULTS = {
+    "resnet": {"epochs": 2, "batch_size": 128, "lr": 3e-3},
+    "vit": {"epochs": 2, "batch_size": 128, "lr": 3e-3},
+    "gpt": {"steps": 600, "batch_size": 32, "lr": 3e-3},
+}
+QUICK = {
+    "resnet": {"epochs": 1, "batch_size": 64, "lr": 3e-3, "limit": 2000},
+    "vit": {"epochs": 1, "batch_size": 64, "lr": 3e-3, "limit": 2000},
+    "gpt": {"steps": 40, "batch_size": 16, "lr": 3e-3},
+}
+
+
+def gradient_quality(model_name: str, method: str, bits, batch, loss_fn, draws: int = 8, seed: int = 0) -> dict:
+    """Compressed vs exact parameter gradient on one batch, from the same initial weights."""
+    model = reference_model(model_name, **batch["model_kwargs"])
+    model.eval()  # dropout off: the only difference is the compression
+    x, y = batch["x"], batch["y"]
+
+    def grad(act):
+        model.zero_grad(set_to_none=True)
+        if act is None:
+            loss = loss_fn(model(x), y)
+        else:
+            with act:
+                loss = loss_fn(model(x), y)
+        loss.backward()
+        return torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.grad is not None])
+
+    exact = grad(None)
+    act = ActivationCompressor(method, bits=bits, model=model, seed=seed)
+    if method == "gact":
+        act.estimate(lambda: loss_fn(model(x), y))
+    cos, rel = [], []
+    for _ in range(draws):
+        g = grad(act)
+        cos.append(float(F.cosine_similarity(g, exact, dim=0)))
+        rel.append(float((g - exact).pow(2).sum() / exact.pow(2).sum()))
+    return {"grad_cosine": statistics.mean(cos), "grad_rel_sq_error": statistics.mean(rel)}
+
+
+def _lm_loss(out, t):
+    return F.cross_entropy(out.reshape(-1, out.shape[-1]), t.reshape(-1))
+
+
+def run(models=("resnet", "vit", "gpt"), methods=METHODS, quick: bool = False, out: str | Path = "results/act",
+        memory: bool = True, seed: int = 0, progress: bool = True, log=print) -> dict:
+    cfgs = QUICK if quick else DEFAULTS
+    results: dict = {"quick": quick, "seed": seed, "threads": torch.get_num_threads(), "rows": []}
+    for model_name in models:
+        cfg = cfgs[model_name]
+        if model_name == "gpt":
+            corpus = fortunes_corpus()
+            model_kwargs = {"vocab_size": corpus.vocab_size}
+            bx, by = corpus.batch(cfg["batch_size"], 64, torch.Generator().manual_seed(99))
+            batch = {"x": bx, "y": by, "model_kwargs": model_kwargs}
+            loss_fn, data_name = _lm_loss, "fortunes"
+        else:
+            train, test, data_name = image_data(limit=cfg.get("limit"), test_limit=cfg.get("limit"), notice=log)
+            model_kwargs = {"image_size": train[0].shape[-1]}
+            batch = {"x": train[0][: cfg["batch_size"]], "y": train[1][: cfg["batch_size"]], "model_kwargs": model_kwargs}
+            loss_fn = F.cross_entropy
+        base = None
+        for method, bits in methods:
+            label = method_label(method, bits)
+            model = reference_model(model_name, **model_kwargs, seed=seed)
+            act = ActivationCompressor(method, bits=bits, model=model, seed=seed)
+            desc = f"{model_name}/{label}"
+            t0 = time.perf_counter()
+            if model_name == "gpt":
+                r = train_lm(model, corpus, act, steps=cfg["steps"], batch_size=cfg["batch_size"], lr=cfg["lr"], seed=seed, progress=progress, desc=desc)
+            else:
+                r = train_classifier(model, train, test, act, epochs=cfg["epochs"], batch_size=cfg["batch_size"], lr=cfg["lr"], seed=seed, progress=progress, desc=desc)
+            wall = time.perf_counter() - t0
+            row = {
+                "model": model_name, "data": data_name, "method": method, "bits": bits, "label": label,
+                "metric_name": r.metric_name, "metric": r.metric, "step_time_s": r.median_step_time,
+                "estimate_time_s": sum(r.estimate_times), "wall_s": wall,
+                "lowbit_raw_bytes": r.report.get("raw_bytes"), "lowbit_stored_bytes": r.report.get("stored_bytes"),
+                "lowbit_ratio": r.report.get("ratio"), "loss_curve": r.train_losses[:: max(1, len(r.train_losses) // 100)],
+            }
+            row.update(gradient_quality(model_name, method, bits, batch, loss_fn, draws=2 if quick else 8, seed=seed))
+            if memory:
+                mem = measure_held_memory(model_name, method, bits, cfg["batch_size"])
+                row["held_bytes"] = mem["held_bytes"]
+            if base is None:
+                base = row
+            row["metric_delta"] = row["metric"] - base["metric"]
+            row["time_ratio"] = row["step_time_s"] / base["step_time_s"]
+            if memory:
+                row["memory_ratio"] = base["held_bytes"] / max(row["held_bytes"], 1)
+            results["rows"].append(row)
+            log(f"{desc}: {r.metric_name}={r.metric:.4g} (delta {row['metric_delta']:+.3g}), step x{row['time_ratio']:.2f}, "
+                f"memory x{row.get('memory_ratio', float('nan')):.1f}, grad cos {row['grad_cosine']:.4f}")
+    out = Path(out)
+    write_json(results, out / "act.json")
+    table = table_markdown(results)
+    (out / "act.md").write_text(table + "\n")
+    if have_matplotlib():
+        plot(results, out / "act.png")
+    log(table)
+    return results
+
+
+def table_markdown(results: dict) -> str:
+    headers = ["model", "method", "metric", "value", "Δ vs none", "held MiB (RSS)", "memory ÷", "lowbit ratio",
+               "grad cos", "step time ×"]
+    rows = []
+    for r in results["rows"]:
+        held = r.get("held_bytes")
+        rows.append([
+            r["model"], r["label"], r["metric_name"], round(r["metric"], 3), round(r["metric_delta"], 3),
+            round(held / 2**20, 2) if held is not None else "-", round(r.get("memory_ratio", float("nan")), 1),
+            round(r["lowbit_ratio"], 1), round(r["grad_cosine"], 4), round(r["time_ratio"], 2),
+        ])
+    return markdown_table(headers, rows)
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = sorted({r["model"] for r in results["rows"]})
+    fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 4), squeeze=False)
+    for ax, m in zip(axes[0], models):
+        rows = [r for r in results["rows"] if r["model"] == m]
+        for r in rows:
+            ax.scatter(r.get("memory_ratio", r["lowbit_ratio"]), r["metric"], s=40)
+            ax.annotate(r["label"], (r.get("memory_ratio", r["lowbit_ratio"]), r["metric"]), fontsize=8,
+                        xytext=(4, 4), textcoords="offset points")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("activation memory reduction vs none (x, RSS)")
+        ax.set_ylabel(rows[0]["metric_name"])
+        ax.set_title(f"{m} ({rows[0]['data']})")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

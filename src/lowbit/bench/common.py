@@ -1,0 +1,75 @@
+"""Shared helpers for benchmarks: JSON output, markdown tables, optional plots, data and models."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from lowbit.data import CharCorpus, DatasetNotFound, load_fortunes, load_images
+from lowbit.models import build_model
+
+METHODS: list[tuple[str, float | None]] = [("none", None), ("uniform", 8), ("uniform", 4), ("uniform", 2), ("gact", 2)]
+
+
+def method_label(method: str, bits: float | None) -> str:
+    return method if bits is None else f"{method}-{bits:g}"
+
+
+def write_json(obj, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=2, default=float))
+    return path
+
+
+def markdown_table(headers: list[str], rows: list[list]) -> str:
+    def fmt(v):
+        if isinstance(v, float):
+            return f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
+        return str(v)
+
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(fmt(v) for v in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def have_matplotlib() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+
+        return True
+    except ImportError:
+        return False
+
+
+def image_data(name: str = "fashion-mnist", limit: int | None = None, test_limit: int | None = None, notice=print):
+    """(train, test, name actually used): Fashion-MNIST, or digits with a notice when it is missing."""
+    try:
+        return load_images(name, "train", limit), load_images(name, "test", test_limit), name
+    except DatasetNotFound as e:
+        if name != "fashion-mnist":
+            raise
+        notice(f"notice: {e}\nnotice: falling back to scikit-learn digits (8x8)")
+        return load_images("digits", "train", limit), load_images("digits", "test", test_limit), "digits"
+
+
+def fortunes_corpus() -> CharCorpus:
+    return CharCorpus(load_fortunes())
+
+
+def reference_model(name: str, image_size: int = 28, vocab_size: int = 128, seed: int = 0) -> torch.nn.Module:
+    """The benchmark models with the same seeded initialisation for every method."""
+    torch.manual_seed(seed)
+    if name == "vit":
+        return build_model("vit", image_size=image_size, patch=7 if image_size % 7 == 0 else 4)
+    if name == "gpt":
+        return build_model("gpt", vocab_size=vocab_size)
+    if name == "mlp":
+        return build_model("mlp", in_features=image_size * image_size)
+    return build_model(name)
+
+
+def eprint(*a) -> None:
+    print(*a, file=sys.stderr)

@@ -1,0 +1,105 @@
+"""The `lowbit` command: train with compressed activations, and run the benchmarks."""
+from __future__ import annotations
+
+import argparse
+import resource
+import sys
+
+import torch
+
+
+def _train(args) -> int:
+    from lowbit.act import ActivationCompressor
+    from lowbit.bench.common import fortunes_corpus, image_data, markdown_table, reference_model
+    from lowbit.train import train_classifier, train_lm
+
+    torch.set_num_threads(args.threads) if args.threads else None
+    if args.model == "gpt":
+        corpus = fortunes_corpus()
+        model = reference_model("gpt", vocab_size=corpus.vocab_size, seed=args.seed)
+        data_name = "fortunes"
+    else:
+        train, test, data_name = image_data(args.data, limit=args.limit, notice=print)
+        model = reference_model(args.model, image_size=train[0].shape[-1], seed=args.seed)
+    bits = None if args.method == "none" else (int(args.bits) if args.method == "uniform" else args.bits)
+    act = ActivationCompressor(args.method, bits=bits, model=model, seed=args.seed)
+    print(f"lowbit train: {args.model} on {data_name}, method={act.policy.describe()}, seed={args.seed}")
+    if args.model == "gpt":
+        r = train_lm(model, corpus, act, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
+    else:
+        r = train_classifier(model, train, test, act, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
+    rep = r.report
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    rows = [
+        [r.metric_name, round(r.metric, 3)],
+        ["activation memory raw (MiB / step)", round(rep["raw_bytes"] / 2**20, 2)],
+        ["activation memory stored (MiB / step)", round(rep["stored_bytes"] / 2**20, 2)],
+        ["compression ratio", round(rep["ratio"], 2)],
+        ["peak saved-tensor memory (MiB)", round(rep["peak_stored_bytes"] / 2**20, 2)],
+        ["peak process RSS (MiB)", round(peak_rss, 1)],
+        ["median step time (ms)", round(r.median_step_time * 1e3, 1)],
+        ["GACT estimation time (s, total)", round(sum(r.estimate_times), 2)],
+    ]
+    print(markdown_table(["quantity", "value"], rows))
+    if args.verbose:
+        from lowbit.act import MemoryReport
+
+        print(MemoryReport(**{k: v for k, v in rep.items() if k != "ratio" and k != "rows"}))
+    return 0
+
+
+def _bench(args) -> int:
+    if args.what == "act":
+        from lowbit.bench import act
+
+        methods = None
+        if args.methods:
+            methods = []
+            for m in args.methods.split(","):
+                name, _, b = m.partition("-")
+                methods.append((name, (int(b) if name == "uniform" else float(b)) if b else None))
+        act.run(models=args.models.split(","), quick=args.quick, out=args.out, memory=not args.no_memory,
+                **({"methods": methods} if methods else {}))
+    elif args.what == "codec":
+        from lowbit.bench import codec
+
+        codec.run(numel=args.numel, out=args.out)
+    return 0
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="lowbit", description="Train and run neural networks with fewer bits.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    t = sub.add_parser("train", help="train a reference model with compressed activations")
+    t.add_argument("--model", default="resnet", choices=["resnet", "vit", "gpt", "mlp"])
+    t.add_argument("--data", default="fashion-mnist", choices=["fashion-mnist", "digits"])
+    t.add_argument("--method", default="gact", choices=["none", "uniform", "gact"])
+    t.add_argument("--bits", type=float, default=2, help="bits (uniform) or average bits (gact)")
+    t.add_argument("--epochs", type=int, default=1)
+    t.add_argument("--steps", type=int, default=300, help="training steps (gpt)")
+    t.add_argument("--batch-size", type=int, default=128)
+    t.add_argument("--lr", type=float, default=3e-3)
+    t.add_argument("--limit", type=int, default=None, help="use only the first N training images")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--threads", type=int, default=None)
+    t.add_argument("-v", "--verbose", action="store_true")
+    t.set_defaults(func=_train)
+    b = sub.add_parser("bench", help="run a benchmark (writes JSON, a table and a plot)")
+    b.add_argument("what", choices=["act", "codec"])
+    b.add_argument("--models", default="resnet,vit,gpt")
+    b.add_argument("--methods", default=None, help="e.g. none,uniform-8,uniform-4,uniform-2,gact-2")
+    b.add_argument("--quick", action="store_true", help="small data and few steps (smoke test)")
+    b.add_argument("--no-memory", action="store_true", help="skip the child-process RSS measurement")
+    b.add_argument("--numel", type=int, default=1 << 25, help="codec bench tensor size")
+    b.add_argument("--out", default="results")
+    b.set_defaults(func=_bench)
+    args = p.parse_args(argv)
+    if args.cmd == "bench" and args.out == "results":
+        args.out = f"results/{args.what}"
+    if getattr(args, "method", None) == "uniform" and args.bits not in (1, 2, 4, 8):
+        p.error(f"--bits {args.bits:g} is not supported by uniform: choose 1, 2, 4 or 8")
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
