@@ -198,3 +198,17 @@ def test_index_codec_maxpool_positions():
 def test_index_codec_lossless(t):
     y = IndexCodec().decode(IndexCodec().encode(t))
     assert y.dtype == t.dtype and torch.equal(y, t)
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4, 8])
+def test_parallel_kernels_match_serial_and_torch(bits):
+    """Large tensors take the multi-threaded kernels: same bits as the torch reference."""
+    n = (1 << 18) + 4099
+    x = torch.relu(torch.randn(n)) if bits == 2 else torch.randn(n)
+    gmin, gmax = K.group_minmax(x, 196)
+    fast = K.quantize_pack(x, 196, gmin, gmax, bits, 99, True)
+    ref = K.quantize_pack_torch(x, 196, gmin, gmax, bits, 99, True)
+    for a, b in zip(fast, ref):
+        assert torch.equal(a, b)
+    codes, mins, scales, _ = fast
+    assert torch.equal(K.unpack_dequant(codes, n, 196, mins, scales, bits), K.unpack_dequant_torch(codes, n, 196, mins, scales, bits))

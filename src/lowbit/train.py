@@ -46,7 +46,7 @@ def _train_step(model, act, opt, sched, loss_fn, xb, yb, result: TrainResult) ->
     sched.step()
     t1 = time.perf_counter()
     result.step_times.append(t1 - t0)
-    result.train_losses.append(float(loss))
+    result.train_losses.append(float(loss.detach()))
     report = act.report()
     result.report = report.to_dict()
     act.step(lambda: loss_fn(model(xb), yb))

@@ -87,31 +87,44 @@ def _group_meta(mn, mx, levels, f32, u32):
 
 @numba.njit(parallel=True, cache=True, nogil=True)
 def _quantize_pack_nb(x, group_size, gmin, gmax, bits, seed, stochastic, ntasks, codes, mins, scales, wide):
-    # Per group: storable (min, scale), codes into a small per-task buffer (a flat loop the
-    # compiler vectorises), then the dense packing. ``ntasks`` (a few per thread) balances load.
+    # ``ntasks`` (a few per thread) balances the load over the cores
+    ngroups = gmin.shape[0]
+    chunk = (ngroups + ntasks - 1) // ntasks
+    for task in numba.prange(ntasks):
+        _quantize_groups(x, group_size, gmin, gmax, bits, seed, stochastic, codes, mins, scales, wide,
+                         task * chunk, min(ngroups, (task + 1) * chunk))
+
+
+@numba.njit(cache=True, nogil=True)
+def _quantize_pack_serial_nb(x, group_size, gmin, gmax, bits, seed, stochastic, codes, mins, scales, wide):
+    # small tensors: waking the worker threads costs more than it saves
+    _quantize_groups(x, group_size, gmin, gmax, bits, seed, stochastic, codes, mins, scales, wide, 0, gmin.shape[0])
+
+
+@numba.njit(nogil=True)
+def _quantize_groups(x, group_size, gmin, gmax, bits, seed, stochastic, codes, mins, scales, wide, g0, g1):
+    # Per group: storable (min, scale), codes into a small buffer (a flat loop the compiler
+    # vectorises), then the dense packing.
     n = x.shape[0]
-    per_byte = 8 // bits
     levels = np.float32((1 << bits) - 1)
     zero = np.float32(0.0)
     half = np.float32(0.5)
     ilevels = (1 << bits) - 1
     useed = np.uint64(seed)
-    ngroups = gmin.shape[0]
-    chunk = (ngroups + ntasks - 1) // ntasks
-    for task in numba.prange(ntasks):
+    if g1 > g0:
         buf = np.empty(group_size + 8, np.uint8)
         f32 = np.empty(1, np.float32)
         u32 = f32.view(np.uint32)
-        for g in range(task * chunk, min(ngroups, (task + 1) * chunk)):
+        for g in range(g0, g1):
             s = g * group_size
             e = min(s + group_size, n)
             zp = bits > 1 and gmin[g] == zero and gmax[g] > zero
             if zp:  # zero-preserving group: code 0 is exact zero, positives take codes 1..levels
                 m, sc, w = _group_meta(zero, gmax[g], levels - np.float32(1.0), f32, u32)
-                m, top, off, cut = np.float32(-0.0), ilevels - 1, 1, zero
+                m, top, off, cut = np.float32(-0.0), np.int32(ilevels - 1), np.int32(1), zero
             else:
                 m, sc, w = _group_meta(gmin[g], gmax[g], levels, f32, u32)
-                top, off, cut = ilevels, 0, np.float32(-np.inf)
+                top, off, cut = np.int32(ilevels), np.int32(0), np.float32(-np.inf)
             mins[g] = m
             scales[g] = sc
             wide[g] = w
@@ -121,19 +134,20 @@ def _quantize_pack_nb(x, group_size, gmin, gmax, bits, seed, stochastic, ntasks,
                 first = s
                 if s % 2:  # odd start: this element takes the high half of its pair's hash
                     h = _hash32(useed, np.uint64(s >> 1))
-                    u1 = np.float32(h >> np.uint64(16)) * _INV16
+                    u1 = np.float32(np.int32(h >> np.uint64(16))) * _INV16
                     buf[0] = _code(x[s], m, inv, u1, top, off, cut)
                     first = s + 1
+                pair0 = np.uint64(first >> 1)
                 for j in range((e - first) // 2):
                     i = first + 2 * j
-                    h = _hash32(useed, np.uint64(i >> 1))
-                    u0 = np.float32(h & np.uint64(0xFFFF)) * _INV16
-                    u1 = np.float32(h >> np.uint64(16)) * _INV16
+                    h = _hash32(useed, pair0 + np.uint64(j))
+                    u0 = np.float32(np.int32(h & np.uint64(0xFFFF))) * _INV16
+                    u1 = np.float32(np.int32(h >> np.uint64(16))) * _INV16
                     buf[i - s] = _code(x[i], m, inv, u0, top, off, cut)
                     buf[i + 1 - s] = _code(x[i + 1], m, inv, u1, top, off, cut)
                 if (e - first) % 2:
                     h = _hash32(useed, np.uint64((e - 1) >> 1))
-                    u0 = np.float32(h & np.uint64(0xFFFF)) * _INV16
+                    u0 = np.float32(np.int32(h & np.uint64(0xFFFF))) * _INV16
                     buf[e - 1 - s] = _code(x[e - 1], m, inv, u0, top, off, cut)
             else:
                 for i in range(s, e):
@@ -146,8 +160,8 @@ def _code(v, m, inv, u, top, off, cut):
     """Code of one element: floor((v - m) * inv + u) clipped to ``top`` (v >= m, so truncation is
     floor), shifted by ``off``; elements not above ``cut`` (exact zeros of a zero-preserving
     group) take code 0."""
-    c = min(np.int32((v - m) * inv + u), top) + off
-    return np.uint8(c if v > cut else 0)
+    c = np.int32(min(np.int32((v - m) * inv + u), top) + off)  # int32 throughout: it vectorises
+    return np.uint8(c * np.int32(v > cut))  # branch-free
 
 
 @numba.njit(inline="always")
@@ -174,23 +188,33 @@ def _pack_codes(buf, length, bits, out, start):
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
-def _unpack_dequant_nb(packed, group_size, mins, scales, bits, out):
+def _unpack_dequant_nb(packed, group_size, mins, scales, bits, ntasks, out):
+    ngroups = mins.shape[0]
+    chunk = (ngroups + ntasks - 1) // ntasks
+    for task in numba.prange(ntasks):
+        _dequant_groups(packed, group_size, mins, scales, bits, out, task * chunk, min(ngroups, (task + 1) * chunk))
+
+
+@numba.njit(cache=True, nogil=True)
+def _unpack_dequant_serial_nb(packed, group_size, mins, scales, bits, out):
+    _dequant_groups(packed, group_size, mins, scales, bits, out, 0, mins.shape[0])
+
+
+@numba.njit(nogil=True)
+def _dequant_groups(packed, group_size, mins, scales, bits, out, g0, g1):
     n = out.shape[0]
     per_byte = 8 // bits
     mask = (1 << bits) - 1
-    for g in numba.prange(mins.shape[0]):
+    for g in range(g0, g1):
         s = g * group_size
         e = min(s + group_size, n)
         m = mins[g]
         sc = scales[g]
+        zp = m == np.float32(0.0) and math.copysign(1.0, m) < 0.0  # -0.0 marks a zero-preserving group
+        if zp:
+            m = -sc  # codes 0, 1, q decode to -sc, 0, (q-1)*sc: fixed to 0, tiny, (q-1)*sc below
         b0 = g * ((group_size * bits + 7) // 8)
         full = (e - s) // per_byte  # whole bytes of this group; a short group ends in a partial one
-        if m == np.float32(0.0) and math.copysign(1.0, m) < 0.0:  # -0.0 marks a zero-preserving group
-            for k in range(e - s):
-                q = (np.int32(packed[b0 + k // per_byte]) >> ((k % per_byte) * bits)) & mask
-                v = np.float32(q - 1) * sc
-                out[s + k] = v if q > 1 else (_POS_TINY if q == 1 else np.float32(0.0))
-            continue
         if bits == 2:
             for j in range(full):
                 byte = np.int32(packed[b0 + j])
@@ -214,9 +238,14 @@ def _unpack_dequant_nb(packed, group_size, mins, scales, bits, out):
         for k in range(full * per_byte, e - s):
             q = (np.int32(packed[b0 + k // per_byte]) >> ((k % per_byte) * bits)) & mask
             out[s + k] = np.float32(q) * sc + m
+        if zp:
+            for i in range(s, e):  # branch-free: zeros and positives interleave at random
+                v = out[i]
+                out[i] = max(v, np.float32(0.0)) + _POS_TINY * np.float32(v == np.float32(0.0))
 
 
 _PACK_CHUNK = 1 << 16  # codes per parallel task in the standalone (un)packers
+_PARALLEL_MIN = 1 << 18  # elements below which a kernel runs on the calling thread alone
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
@@ -415,11 +444,12 @@ def quantize_pack(
     mins = torch.empty(ngroups, dtype=torch.float32)
     scales = torch.empty(ngroups, dtype=torch.float32)
     wide = torch.empty(ngroups, dtype=torch.bool)
-    ntasks = min(4 * numba.get_num_threads(), ngroups)
-    _quantize_pack_nb(
-        x.numpy(), group_size, gmin.numpy(), gmax.numpy(), bits, seed, stochastic, ntasks,
-        codes.numpy(), mins.numpy(), scales.numpy(), wide.numpy(),
-    )
+    arrays = (codes.numpy(), mins.numpy(), scales.numpy(), wide.numpy())
+    if x.numel() < _PARALLEL_MIN:
+        _quantize_pack_serial_nb(x.numpy(), group_size, gmin.numpy(), gmax.numpy(), bits, seed, stochastic, *arrays)
+    else:
+        ntasks = min(4 * numba.get_num_threads(), ngroups)
+        _quantize_pack_nb(x.numpy(), group_size, gmin.numpy(), gmax.numpy(), bits, seed, stochastic, ntasks, *arrays)
     return codes, mins, scales, wide
 
 
@@ -430,5 +460,9 @@ def unpack_dequant(
     if packed.device.type != "cpu":
         return unpack_dequant_torch(packed, n, group_size, mins, scales, bits)
     out = torch.empty(n, dtype=torch.float32)
-    _unpack_dequant_nb(packed.numpy(), group_size, mins.numpy(), scales.numpy(), bits, out.numpy())
+    if n < _PARALLEL_MIN:
+        _unpack_dequant_serial_nb(packed.numpy(), group_size, mins.numpy(), scales.numpy(), bits, out.numpy())
+    else:
+        ntasks = min(4 * numba.get_num_threads(), mins.numel())
+        _unpack_dequant_nb(packed.numpy(), group_size, mins.numpy(), scales.numpy(), bits, ntasks, out.numpy())
     return out
