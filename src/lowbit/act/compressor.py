@@ -6,7 +6,8 @@ backward needs it. The rules, in order:
 
 1. parameters and buffers (and their views, and autocast's casts of them) are returned as they
    are: they are kept alive anyway, compressing them would only add a copy;
-2. tensors below ``min_numel`` elements are kept raw (metadata would outweigh the saving);
+2. tensors below ``min_numel`` elements (64 KiB of float32) are kept raw: they save nothing worth
+   having, and they are often the most sensitive ones (a classifier's log-softmax, norm statistics);
 3. each storage is encoded once, even when several ops save it (a ReLU output saved by the
    ReLU and by the next conv), or save different views of it;
 4. bool tensors become 1-bit masks and integer tensors (max-pool argmax) are packed losslessly;
@@ -116,7 +117,7 @@ class ActivationCompressor:
             tensors that require grad and their views are skipped), the report gets per-module
             rows, and GACT needs it to measure sensitivities.
         group_size: elements per quantization group (a multiple of 8).
-        min_numel: tensors with fewer elements are kept raw.
+        min_numel: tensors with fewer elements are kept raw (default 16384: 64 KiB of float32).
         seed: seed of the private generator used for stochastic rounding.
         **options: method options (gact: ``interval``, ``probe_bits``, ``probe_draws``, ``max_probes``, ``momentum``).
 
@@ -137,7 +138,7 @@ class ActivationCompressor:
         bits: float | None = None,
         model: nn.Module | None = None,
         group_size: int = 256,
-        min_numel: int = 1024,
+        min_numel: int = 16384,
         seed: int = 0,
         **options,
     ):
@@ -155,6 +156,7 @@ class ActivationCompressor:
         self._index = 0
         self._steps = 0
         self._probe: dict | None = None  # set while GACT measures sensitivities
+        self._last_report: MemoryReport | None = None
         self._reset_counts()
         self._live_raw = 0
         self._live_stored = 0
@@ -321,7 +323,10 @@ class ActivationCompressor:
         self._live_stored -= stored
 
     def report(self) -> MemoryReport:
-        """Saved-tensor memory of the forward passes since the last :meth:`step`."""
+        """Saved-tensor memory of the forward passes since the last :meth:`step` (right after a
+        step: the step just finished)."""
+        if not self._rows and self._last_report is not None:
+            return self._last_report
         return MemoryReport(
             method=self.policy.describe(),
             raw_bytes=self._raw_total,
@@ -359,7 +364,7 @@ class ActivationCompressor:
 
     # ------------------------------------------------------------------ adaptation
     def step(self, closure: Callable[[], torch.Tensor] | None = None) -> None:
-        """End of a training step: resets the per-step report; adaptive methods re-estimate.
+        """End of a training step: starts a new per-step report; adaptive methods re-estimate.
 
         ``closure`` recomputes the loss on a batch (forward only, no backward); GACT calls it
         every ``interval`` steps to measure per-tensor sensitivities. Without it GACT keeps its
@@ -367,6 +372,8 @@ class ActivationCompressor:
         if isinstance(self.policy, GactPolicy) and closure is not None and self.policy.due(self._steps):
             self.estimate(closure)
         self._steps += 1
+        if self._rows:
+            self._last_report = self.report()
         self._reset_counts()
 
     def estimate(self, closure: Callable[[], torch.Tensor]) -> dict[int, float]:

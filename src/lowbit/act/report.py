@@ -54,7 +54,13 @@ class MemoryReport:
     def __str__(self) -> str:
         head = f"{'module':<28} {'op':<22} {'kind':<6} {'n':>4} {'raw MiB':>9} {'stored MiB':>10} {'ratio':>7} {'bits':>5}"
         lines = [f"activation memory ({self.method})", head, "-" * len(head)]
-        for r in sorted(self.rows, key=lambda r: -r.raw_bytes):
+        small = [r for r in self.rows if r.kind == "raw" and r.raw_bytes < 2**14]
+        big = [r for r in self.rows if r not in small]
+        if small:  # fold the many tiny tensors kept raw (BatchNorm statistics, ...) into one line
+            big.append(ReportRow("(small tensors)", "various", "raw", sum(r.count for r in small),
+                                 sum(r.numel for r in small), sum(r.raw_bytes for r in small),
+                                 sum(r.stored_bytes for r in small)))
+        for r in sorted(big, key=lambda r: -r.raw_bytes):
             bits = f"{r.mean_bits:.2f}" if r.mean_bits is not None else "-"
             lines.append(
                 f"{r.module[:28]:<28} {r.op[:22]:<22} {r.kind:<6} {r.count:>4} {r.raw_bytes / 2**20:>9.3f} "
