@@ -108,7 +108,6 @@ def _quantize_groups(x, group_size, gmin, gmax, bits, seed, stochastic, codes, m
     n = x.shape[0]
     levels = np.float32((1 << bits) - 1)
     zero = np.float32(0.0)
-    half = np.float32(0.5)
     ilevels = (1 << bits) - 1
     useed = np.uint64(seed)
     if g1 > g0:
