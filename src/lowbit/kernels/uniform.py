@@ -45,6 +45,13 @@ def _hash32(seed: np.uint64, i: np.uint64) -> np.uint64:
     return x
 
 
+@numba.njit(inline="always")
+def _dither16(h: np.uint64, high: bool) -> np.float32:
+    """The low or high 16 bits of a 32-bit hash as a dither in [0, 1)."""
+    half = (h >> np.uint64(16)) if high else (h & np.uint64(0xFFFF))
+    return np.float32(np.int32(half)) * _INV16
+
+
 _POS_TINY = np.float32(2.0**-24)  # what a positive that rounded to the bottom decodes to (> 0 in fp16 too)
 _HALF_MAX = 60000.0  # under float16's 65504, with room for the scale's rounding up
 _HALF_TINY = 2.0**-14  # smallest normal float16; below it float16 steps are 2**-24
@@ -133,14 +140,14 @@ def _quantize_groups(x, group_size, gmin, gmax, bits, seed, stochastic, codes, m
                 first = s
                 if s % 2:  # odd start: this element takes the high half of its pair's hash
                     h = _hash32(useed, np.uint64(s >> 1))
-                    u1 = np.float32(np.int32(h >> np.uint64(16))) * _INV16
+                    u1 = _dither16(h, True)
                     buf[0] = _code(x[s], m, inv, u1, top, off, cut)
                     first = s + 1
                 pair0 = np.uint64(first >> 1)
                 _dither_codes(x[first:e], buf[first - s : e - s], pair0, useed, m, inv, top, off, cut)
                 if (e - first) % 2:
                     h = _hash32(useed, np.uint64((e - 1) >> 1))
-                    u0 = np.float32(np.int32(h & np.uint64(0xFFFF))) * _INV16
+                    u0 = _dither16(h, False)
                     buf[e - 1 - s] = _code(x[e - 1], m, inv, u0, top, off, cut)
             else:
                 _nearest_codes(x[s:e], buf, m, inv, top, off, cut)
@@ -192,8 +199,8 @@ def _dither_codes(xs, bs, pair0, useed, m, inv, top, off, cut):
     # arithmetic and vectorise the loop, hash included: 3-4x faster than indexing x[s + 2j].
     for j in range(xs.shape[0] // 2):
         h = _hash32(useed, pair0 + np.uint64(j))
-        u0 = np.float32(np.int32(h & np.uint64(0xFFFF))) * _INV16
-        u1 = np.float32(np.int32(h >> np.uint64(16))) * _INV16
+        u0 = _dither16(h, False)
+        u1 = _dither16(h, True)
         bs[2 * j] = _code(xs[2 * j], m, inv, u0, top, off, cut)
         bs[2 * j + 1] = _code(xs[2 * j + 1], m, inv, u1, top, off, cut)
 
