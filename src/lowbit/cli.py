@@ -60,11 +60,77 @@ def _bench(args) -> int:
                 methods.append((name, (int(b) if name == "uniform" else float(b)) if b else None))
         act.run(models=args.models.split(","), quick=args.quick, out=args.out, memory=not args.no_memory,
                 **({"methods": methods} if methods else {}))
+    elif args.what == "quant":
+        from lowbit.bench import quant as quant_bench
+
+        rows = quant_bench.ROWS
+        if args.recipes:
+            wanted = args.recipes.split(",")
+            unknown = sorted(set(wanted) - {label for label, *_ in rows})
+            if unknown:
+                raise SystemExit(f"lowbit bench quant: unknown row(s) {unknown}; choose from {[r[0] for r in rows]}")
+            rows = [r for r in rows if r[0] in wanted]
+        quant_bench.run(rows=rows, quick=args.quick, out=args.out)
     elif args.what == "codec":
         from lowbit.bench import codec
 
         codec.run(numel=args.numel, out=args.out)
     return 0
+
+
+def _quantize(args) -> int:
+    from lowbit import quant
+    from lowbit.bench.common import image_data, markdown_table, reference_model
+
+    torch.set_num_threads(args.threads) if args.threads else None
+    train, test, data_name = image_data(args.data, limit=args.limit, notice=print)
+    model = reference_model(args.model, image_size=train[0].shape[-1], seed=args.seed)
+    teacher = None
+    if args.init:
+        model.load_state_dict(torch.load(args.init, map_location="cpu"))
+        print(f"fine-tuning from the float checkpoint {args.init}")
+    if args.teacher or (args.init and quant.get_recipe(args.recipe).distill > 0):
+        teacher = reference_model(args.model, image_size=train[0].shape[-1], seed=args.seed)
+        teacher.load_state_dict(torch.load(args.teacher or args.init, map_location="cpu"))
+    overrides = {}
+    for kv in args.option or []:
+        k, _, v = kv.partition("=")
+        overrides[k] = _literal(v)
+    qmodel = model if args.recipe == "float" else quant.quantize(model, args.recipe, **overrides)
+    if args.recipe != "float" and quant.get_recipe(args.recipe).distill > 0 and teacher is None:
+        print("note: no float teacher (--teacher or --init): training without representation distillation")
+    print(f"lowbit quantize: {args.model} on {data_name}, recipe={args.recipe} {overrides or ''}, seed={args.seed}")
+    r = quant.train_quantized(qmodel, train, test, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                              seed=args.seed, teacher=teacher, desc=args.recipe)
+    size = quant.model_size(qmodel)
+    print(markdown_table(["quantity", "value"], [
+        ["test accuracy (%)", round(r.metric, 2)],
+        ["packed size (KiB)", round(size.packed_bytes / 1024, 1)],
+        ["float32 size (KiB)", round(size.float32_bytes / 1024, 1)],
+        ["compression", f"{size.compression:.1f}x"],
+        ["median step time (ms)", round(r.median_step_time * 1e3, 1)],
+    ]))
+    if args.verbose:
+        print(quant.summary(qmodel))
+    if args.save:
+        torch.save(qmodel.state_dict(), args.save)
+        print(f"saved the state_dict to {args.save} (load it into quantize(model, {args.recipe!r}))")
+    return 0
+
+
+def _recipe_names() -> list[str]:
+    from lowbit.quant import RECIPES
+
+    return sorted(RECIPES)
+
+
+def _literal(v: str):
+    import ast
+
+    try:
+        return ast.literal_eval(v)
+    except (ValueError, SyntaxError):
+        return v
 
 
 def main(argv=None) -> int:
@@ -84,8 +150,25 @@ def main(argv=None) -> int:
     t.add_argument("--threads", type=int, default=None)
     t.add_argument("-v", "--verbose", action="store_true")
     t.set_defaults(func=_train)
+    q = sub.add_parser("quantize", help="train a quantized / binary / ternary model with a recipe")
+    q.add_argument("--recipe", default="xnor", help="one of: float, " + ", ".join(_recipe_names()))
+    q.add_argument("--model", default="resnet", choices=["resnet", "mlp"])
+    q.add_argument("--data", default="fashion-mnist", choices=["fashion-mnist", "digits"])
+    q.add_argument("--epochs", type=int, default=1)
+    q.add_argument("--batch-size", type=int, default=128)
+    q.add_argument("--lr", type=float, default=3e-3)
+    q.add_argument("--limit", type=int, default=None, help="use only the first N training images")
+    q.add_argument("--init", default=None, help="float state_dict to fine-tune from (also DIR-Net's teacher)")
+    q.add_argument("--teacher", default=None, help="float state_dict used as the distillation teacher")
+    q.add_argument("--option", action="append", help="recipe option, e.g. --option sparsity=0.9 (repeatable)")
+    q.add_argument("--save", default=None, help="write the trained state_dict here")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--threads", type=int, default=None)
+    q.add_argument("-v", "--verbose", action="store_true", help="print the per-layer summary")
+    q.set_defaults(func=_quantize)
     b = sub.add_parser("bench", help="run a benchmark (writes JSON, a table and a plot)")
-    b.add_argument("what", choices=["act", "codec"])
+    b.add_argument("what", choices=["act", "codec", "quant"])
+    b.add_argument("--recipes", default=None, help="quant rows to run, e.g. float32,bnn,xnor (default: all)")
     b.add_argument("--models", default="resnet,vit,gpt")
     b.add_argument("--methods", default=None, help="e.g. none,uniform-8,uniform-4,uniform-2,gact-2")
     b.add_argument("--quick", action="store_true", help="small data and few steps (smoke test)")
@@ -96,6 +179,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.cmd == "bench" and args.out == "results":
         args.out = f"results/{args.what}"
+    if args.cmd == "quantize" and args.recipe != "float" and args.recipe not in _recipe_names():
+        p.error(f"unknown recipe {args.recipe!r}: choose one of float, {', '.join(_recipe_names())}")
     if getattr(args, "method", None) == "uniform" and args.bits not in (1, 2, 4, 8):
         p.error(f"--bits {args.bits:g} is not supported by uniform: choose 1, 2, 4 or 8")
     return args.func(args)

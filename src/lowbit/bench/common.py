@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from lowbit.table import markdown_table  # noqa: F401  (re-exported for the benchmarks)
 from lowbit.data import CharCorpus, DatasetNotFound, load_fortunes, load_images
 from lowbit.models import build_model
 
@@ -22,17 +23,6 @@ def write_json(obj, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(obj, indent=2, default=float))
     return path
-
-
-def markdown_table(headers: list[str], rows: list[list]) -> str:
-    def fmt(v):
-        if isinstance(v, float):
-            return f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
-        return str(v)
-
-    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-    lines += ["| " + " | ".join(fmt(v) for v in r) + " |" for r in rows]
-    return "\n".join(lines)
 
 
 def have_matplotlib() -> bool:

@@ -1,0 +1,32 @@
+"""Quantized, binary and ternary networks: quantizers (forward rounding + backward estimator),
+QuantConv2d / QuantLinear, recipes that turn a float model into a quantized one, packed size.
+
+    qmodel = lowbit.quant.quantize(model, "xnor")      # model itself is not modified
+    lowbit.quant.train_quantized(qmodel, train, test)  # schedules, penalties, distillation
+    print(lowbit.quant.summary(qmodel))                # per-layer bits and packed bytes
+"""
+from lowbit.quant import functions
+from lowbit.quant.layers import QuantConv2d, QuantLinear, penalty, quant_layers, set_progress
+from lowbit.quant.quantizers import (
+    LSQ,
+    BinaryActivation,
+    BinaryWeight,
+    GradientQuantizer,
+    NoiseAdaptation,
+    Quantizer,
+    SignQuantizer,
+    SparseBinaryWeight,
+    TernaryWeight,
+    UniformActivation,
+    UniformWeight,
+)
+from lowbit.quant.recipes import RECIPES, Recipe, get_recipe, quantize, register_recipe
+from lowbit.quant.size import ModelSize, model_size, summary
+from lowbit.quant.train import distillation_loss, train_quantized
+
+__all__ = [
+    "functions", "QuantConv2d", "QuantLinear", "penalty", "quant_layers", "set_progress", "LSQ", "BinaryActivation",
+    "BinaryWeight", "GradientQuantizer", "NoiseAdaptation", "Quantizer", "SignQuantizer", "SparseBinaryWeight",
+    "TernaryWeight", "UniformActivation", "UniformWeight", "RECIPES", "Recipe", "get_recipe", "quantize",
+    "register_recipe", "ModelSize", "model_size", "summary", "distillation_loss", "train_quantized",
+]
