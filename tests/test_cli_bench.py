@@ -36,3 +36,47 @@ def test_act_benchmark_writes_json_table_and_plot(tmp_path):
     assert (tmp_path / "act.md").read_text().startswith("| model")
     assert (tmp_path / "act.png").exists()
     assert res["rows"][0]["metric_delta"] == 0
+
+
+def test_quantize_command_trains_and_saves(tmp_path, capsys):
+    path = tmp_path / "q.pt"
+    assert main(["quantize", "--recipe", "sbnn", "--data", "digits", "--limit", "256", "--epochs", "1",
+                 "--batch-size", "64", "--option", "sparsity=0.9", "--save", str(path), "-v"]) == 0
+    out = capsys.readouterr().out
+    assert "test accuracy" in out and "compression" in out and "sparsity=0.9" in out
+    from lowbit import quant
+    from lowbit.bench.common import reference_model
+
+    q = quant.quantize(reference_model("resnet", image_size=8), "sbnn", sparsity=0.9)
+    q.load_state_dict(__import__("torch").load(path))
+    with pytest.raises(SystemExit):
+        main(["quantize", "--recipe", "nope"])
+
+
+def test_quant_benchmark_writes_json_table_and_plot(tmp_path):
+    from lowbit.bench import quant as quant_bench
+
+    rows = [("float32", "float", {}), ("xnor", "xnor", {}), ("ternary", "ternary", {}), ("int4", "int4", {})]
+    res = quant_bench.run(rows=rows, quick=True, out=tmp_path, progress=False, log=lambda *a: None)
+    data = json.loads((tmp_path / "quant.json").read_text())
+    assert [r["label"] for r in data["rows"]] == ["float32", "xnor", "ternary", "int4"]
+    by = {r["label"]: r for r in data["rows"]}
+    assert by["xnor"]["compression"] > 15 and 8 < by["ternary"]["compression"] < by["xnor"]["compression"]
+    assert by["float32"]["accuracy"] > 50 and "target_met" in by["int4"]
+    assert (tmp_path / "quant.png").exists() and "| recipe" in (tmp_path / "quant.md").read_text()
+    assert res["rows"][0]["accuracy_delta"] == 0
+
+
+def test_explain_command_and_benchmark(tmp_path, capsys):
+    assert main(["explain", "--rows", "1", "--budget", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "exact φ" in out and "shear" in out and "kernel" in out
+    from lowbit.bench import explain as explain_bench
+
+    res = explain_bench.run(quick=True, out=tmp_path, progress=False, log=lambda *a: None, with_shap=False)
+    data = json.loads((tmp_path / "explain.json").read_text())
+    methods = {r["method"] for r in data["rows"]}
+    assert methods == {"permutation", "antithetic", "kernel", "shear"}
+    assert all(r["abs_error"] > 0 and r["ms_per_instance"] > 0 for r in data["rows"])
+    assert "shear_vs_antithetic_error_ratio_at_16" in res["claims"]
+    assert (tmp_path / "explain.png").exists()

@@ -36,7 +36,7 @@ CLAIMS = [  # (better, worse, source)
 ]
 # accuracy drop allowed against float32 (issue 4): 1-bit 8 points, ternary 4, int4 1
 TARGETS = {"1-bit": 8.0, "ternary": 4.0, "int4": 1.0}
-DEFAULTS = {"epochs": 3, "batch_size": 128, "lr": 3e-3}
+DEFAULTS = {"epochs": 2, "batch_size": 128, "lr": 3e-3}
 QUICK = {"epochs": 1, "batch_size": 64, "lr": 5e-3, "limit": 1000}
 
 

@@ -1,5 +1,6 @@
-"""Offline data sets: Fashion-MNIST from IDX files, scikit-learn digits, the fortunes text corpus."""
+"""Offline data sets: Fashion-MNIST from IDX files, scikit-learn digits, the fortunes text corpus, scikit-learn tabular sets."""
 from lowbit.data.images import DatasetNotFound, fashion_mnist_dir, load_digits, load_fashion_mnist, load_images
+from lowbit.data.tabular import TABULAR, Tabular, load_tabular
 from lowbit.data.text import CharCorpus, load_fortunes
 
 __all__ = [
@@ -10,4 +11,7 @@ __all__ = [
     "load_images",
     "CharCorpus",
     "load_fortunes",
+    "load_tabular",
+    "Tabular",
+    "TABULAR",
 ]

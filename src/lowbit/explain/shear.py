@@ -1,0 +1,126 @@
+"""SHEAR (Wang et al., ICML 2022): the Shapley value of each feature computed exactly in a small
+game with its strongest cooperators, chosen from the model's second derivatives.
+
+Cross-contribution eta_ij = |d2f/dxi dxj (x)| * |xi - ri| * |xj - rj| (one-hot groups: the max
+over the block, diagonal 0). For a budget of s evaluations per feature, K = floor(log2 s) - 1
+cooperators; the 2^K coalitions S of the cooperators each cost v(S + i) and v(S), so s in all.
+Players outside {i} + C_i take x or r by a random mask R, the same for S and S + i, and the
+complementary coalition gets the complementary mask (antithetic).
+
+lowbit draws R from the law it has in the Shapley value itself: the outside players that precede
+i in a uniform random order in which exactly S precedes i among {i} + C_i (each outside player is
+then in R with probability (|S| + 1) / (K + 2), not 1/2). With that law the estimate is unbiased
+for any model; the cooperators are enumerated exactly, so only the weak interactions with the
+outside players are left to sampling. The reversed order gives the complement S and R."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from lowbit.explain.estimators import _all_masks
+from lowbit.explain.value import Model, ValueFunction, model_output
+
+
+class NotDifferentiable(ValueError):
+    """The model gives SHEAR no usable second derivatives."""
+
+
+def hessian_interactions(model: Model, x: torch.Tensor, reference: torch.Tensor, target=None) -> torch.Tensor:
+    """|H(x)| * |x - r| outer |x - r| over features: float64 [M, M], zero diagonal."""
+    def f(z):
+        return model_output(model, z[None], target)[0]
+
+    try:
+        with torch.enable_grad():
+            h = torch.func.hessian(f)(x.detach().clone())  # forward-over-reverse, one vectorised call
+    except (RuntimeError, NotImplementedError) as e:
+        raise NotDifferentiable(
+            f"SHEAR needs second derivatives of the model and autograd could not take them ({e}); "
+            "use interactions='finite-difference'") from None
+    if not torch.isfinite(h).all():
+        raise NotDifferentiable("SHEAR: the model's Hessian at x is not finite; use interactions='finite-difference'")
+    h = h.detach()
+    d = (x - reference).abs().double()
+    eta = h.abs().double() * d[:, None] * d[None, :]
+    if float(eta.abs().sum()) == 0.0 and x.shape[0] > 1:
+        raise NotDifferentiable(
+            "SHEAR: the model's second derivatives are zero at x (a piecewise-linear model such as a ReLU "
+            "network?), so they cannot rank cooperators; use interactions='finite-difference' or a smooth "
+            "activation (softplus, GELU)")
+    eta.fill_diagonal_(0)
+    return eta
+
+
+def finite_difference_interactions(v: ValueFunction) -> torch.Tensor:
+    """|v(N) - v(N - i) - v(N - j) + v(N - i - j)| for every pair of players: the discrete mixed
+    difference between x and the reference, which equals |H_ij| |dx_i| |dx_j| to second order.
+    Costs 1 + P + P (P - 1) / 2 evaluations (counted in the budget)."""
+    p = v.players
+    full = torch.ones(p, dtype=torch.bool)
+    singles = full.repeat(p, 1)
+    singles[torch.arange(p), torch.arange(p)] = False
+    iu = torch.triu_indices(p, p, 1)
+    pairs = full.repeat(iu.shape[1], 1)
+    pairs[torch.arange(iu.shape[1]), iu[0]] = False
+    pairs[torch.arange(iu.shape[1]), iu[1]] = False
+    vals = v(torch.cat([full[None], singles, pairs]))
+    vn, vs, vp = vals[0], vals[1 : p + 1], vals[p + 1 :]
+    eta = torch.zeros(p, p, dtype=torch.float64)
+    eta[iu[0], iu[1]] = (vn - vs[iu[0]] - vs[iu[1]] + vp).abs()
+    return eta + eta.T
+
+
+def group_interactions(eta: torch.Tensor, groups: list[list[int]]) -> torch.Tensor:
+    """Feature-level [M, M] -> player-level [P, P] by the max over each pair of blocks, zero diagonal."""
+    p = len(groups)
+    if all(len(g) == 1 for g in groups):
+        return eta[[g[0] for g in groups]][:, [g[0] for g in groups]]
+    out = torch.zeros(p, p, dtype=eta.dtype)
+    for a, ga in enumerate(groups):
+        for b, gb in enumerate(groups):
+            if a != b:
+                out[a, b] = eta[ga][:, gb].max()
+    return out
+
+
+def cooperators_for_budget(budget: int, players: int) -> int:
+    """K = floor(log2(budget)) - 1, within [0, players - 1]."""
+    return max(0, min(players - 1, int(math.floor(math.log2(max(budget, 1)))) - 1))
+
+
+def shear_shapley(v: ValueFunction, eta: torch.Tensor, budget: int, generator: torch.Generator) -> torch.Tensor:
+    """phi_i = (1/n) sum_{S in C_i} C(n-1, |S|)^-1 [v(S + i + R_S) - v(S + R_S)], n = K + 1."""
+    p = v.players
+    k = cooperators_for_budget(budget, p)
+    n = k + 1
+    sub = _all_masks(k)  # [2^k, k]; row r and row 2^k - 1 - r are complements
+    sizes = sub.sum(1)
+    weight = torch.tensor([1.0 / (n * math.comb(n - 1, int(s))) for s in sizes], dtype=torch.float64)
+    half = 2 ** (k - 1) if k else 1
+    without, with_i = [], []
+    for i in range(p):
+        score = eta[i].clone()
+        score[i] = -math.inf
+        coop = torch.topk(score, k).indices if k else torch.zeros(0, dtype=torch.long)
+        group = torch.cat([coop, torch.tensor([i])])
+        outside = torch.ones(p, dtype=torch.bool)
+        outside[group] = False
+        # one uniform random order per pair of complementary coalitions; the group's positions in it
+        # are relabelled so that exactly S comes before i: i takes the (|S|+1)-th group position
+        ranks = torch.argsort(torch.rand(half, p, generator=generator), dim=1)
+        group_pos = ranks[:, group].sort(dim=1).values  # [half, k+1]
+        i_pos = group_pos.gather(1, sizes[:half].reshape(-1, 1))  # [half, 1]
+        r = ranks[:, outside] < i_pos  # outside players before i
+        rmask = torch.cat([r, ~r.flip(0)]) if k else r  # row 2^k-1-j is the complement of row j
+        m = torch.zeros(2**k, p, dtype=torch.bool)
+        m[:, coop] = sub
+        m[:, outside] = rmask
+        without.append(m.clone())
+        m[:, i] = True
+        with_i.append(m)
+    masks = torch.cat([torch.cat(without), torch.cat(with_i)])
+    vals = v(masks)
+    half_n = p * 2**k
+    diff = (vals[half_n:] - vals[:half_n]).reshape(p, 2**k)
+    return (diff * weight[None]).sum(1)

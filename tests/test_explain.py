@@ -1,0 +1,198 @@
+import itertools
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from lowbit import explain
+from lowbit.explain import metrics, shapley
+from lowbit.explain.shear import cooperators_for_budget
+
+M = 7
+
+
+def _model(m=M, act=nn.Softplus, seed=0):
+    torch.manual_seed(seed)
+    net = nn.Sequential(nn.Linear(m, 24), act(), nn.Linear(24, 24), act(), nn.Linear(24, 1))
+    return lambda z: net(z)[:, 0]
+
+
+def _brute_force(f, x, background, groups=None):
+    """Textbook Shapley formula, one coalition at a time, in float64."""
+    groups = groups or [[i] for i in range(x.shape[0])]
+    p = len(groups)
+
+    def v(players):
+        z = background.clone().double()
+        idx = [j for g in players for j in groups[g]]
+        z[:, idx] = x.double()[idx]
+        with torch.no_grad():
+            return float(f(z.float()).double().mean())
+
+    phi = torch.zeros(p, dtype=torch.float64)
+    for i in range(p):
+        others = [j for j in range(p) if j != i]
+        for r in range(p):
+            w = math.factorial(r) * math.factorial(p - r - 1) / math.factorial(p)
+            for s in itertools.combinations(others, r):
+                phi[i] += w * (v(s + (i,)) - v(s))
+    return phi
+
+
+@pytest.mark.parametrize("k", [1, 5])
+def test_exact_matches_brute_force_and_is_efficient(k):
+    f = _model()
+    x = torch.randn(M)
+    background = torch.randn(k, M)
+    baseline = background[0] if k == 1 else background
+    phi = shapley(f, x, baseline, "exact").double()
+    ref = _brute_force(f, x, background)
+    assert torch.allclose(phi, ref, atol=1e-5)
+    with torch.no_grad():
+        gap = float(f(x[None])[0]) - float(f(background).mean())
+    assert float(phi.sum()) == pytest.approx(gap, abs=1e-5)
+
+
+def test_batch_target_and_dtype():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(M, 16), nn.Softplus(), nn.Linear(16, 3))
+    xs, base = torch.randn(4, M), torch.randn(M)
+    out = shapley(net, xs, base, "exact", target=2)
+    assert out.shape == (4, M) and out.dtype == torch.float32
+    one = shapley(lambda z: net(z)[:, 2], xs[1], base, "exact")
+    assert torch.allclose(out[1], one, atol=1e-6)
+    per_row = shapley(net, xs, base, "exact", target=torch.tensor([0, 1, 2, 0]))
+    assert torch.allclose(per_row[2], out[2], atol=1e-6)
+    net64 = nn.Sequential(nn.Linear(M, 4), nn.Softplus(), nn.Linear(4, 1)).double()
+    assert shapley(net64, xs.double(), base.double(), "exact").dtype == torch.float64
+
+
+def test_groups_are_one_player_each():
+    f = _model(m=8)
+    x, base = torch.randn(8), torch.randn(8)
+    groups = [[0], [1, 2, 3], [4], [5, 6], [7]]  # e.g. two one-hot blocks
+    phi = shapley(f, x, base, "exact", groups=groups)
+    assert phi.shape == (5,)
+    assert torch.allclose(phi.double(), _brute_force(f, x, base[None], groups), atol=1e-5)
+    for method in ("permutation", "antithetic", "kernel", "shear"):
+        est = shapley(f, x, base, method, budget=16, groups=groups)
+        assert est.shape == (5,)
+        assert metrics.absolute_error(est, phi) < 0.5 * phi.abs().sum() + 1e-3
+
+
+@pytest.mark.parametrize("method", ["permutation", "antithetic", "kernel", "shear"])
+def test_sampled_estimators_are_unbiased(method):
+    """The mean over seeds converges to exact: its error is far below one run's error.
+    (KernelSHAP's least squares is only asymptotically unbiased; with 10 players its bias is small.)"""
+    f = _model(m=10, seed=3)
+    x, base = torch.randn(10), torch.randn(3, 10)
+    exact = shapley(f, x, base, "exact").double()
+    runs = torch.stack([shapley(f, x, base, method, budget=4, seed=s).double() for s in range(200)])
+    single = float((runs - exact).abs().sum(1).mean())
+    mean_err = float((runs.mean(0) - exact).abs().sum())
+    assert mean_err < 0.25 * single + 1e-6, (mean_err, single)
+
+
+@pytest.mark.parametrize("method", ["permutation", "antithetic", "kernel", "shear"])
+def test_error_falls_as_budget_grows(method):
+    f = _model(m=10, seed=1)
+    xs, base = torch.randn(6, 10), torch.zeros(10)
+    exact = shapley(f, xs, base, "exact")
+    err = [sum(metrics.absolute_error(shapley(f, xs, base, method, budget=b, seed=s), exact) for s in range(4))
+           for b in (4, 64)]
+    assert err[1] < 0.6 * err[0], err
+
+
+def test_permutation_and_kernel_are_efficient():
+    f = _model()
+    x, base = torch.randn(M), torch.randn(M)
+    gap = float(shapley(f, x, base, "exact").sum())
+    for method in ("permutation", "antithetic", "kernel"):
+        assert float(shapley(f, x, base, method, budget=8).sum()) == pytest.approx(gap, abs=1e-5)
+
+
+def test_shear_with_all_cooperators_is_exact_and_budget_is_respected():
+    f = _model(m=5)
+    x, base = torch.randn(5), torch.randn(5)
+    exact = shapley(f, x, base, "exact")
+    assert cooperators_for_budget(32, 5) == 4
+    r = shapley(f, x, base, "shear", budget=32, return_details=True)
+    assert torch.allclose(r.values, exact, atol=1e-5)
+    r = shapley(_model(), torch.randn(M), torch.randn(M), "shear", budget=16, return_details=True)
+    assert r.evaluations == [16 * M]  # 2^(K+1) per feature, K = log2(16) - 1
+    for method in ("permutation", "antithetic", "kernel"):
+        r = shapley(f, x, base, method, budget=16, return_details=True)
+        assert r.evaluations[0] <= 16 * 5
+
+
+def test_shear_finds_the_interacting_pair():
+    def f(z):  # feature 0 and 3 interact, the rest is additive
+        return z[:, 0] * z[:, 3] + z[:, 1] + 0.5 * z[:, 2] ** 2 + z[:, 4]
+
+    from lowbit.explain.shear import hessian_interactions
+
+    eta = hessian_interactions(f, torch.ones(5), torch.zeros(5))
+    assert int(eta[0].argmax()) == 3 and int(eta[3].argmax()) == 0
+    x, base = torch.tensor([1.0, 2.0, -1.0, 3.0, 0.5]), torch.zeros(5)
+    exact = shapley(f, x, base, "exact")
+    # K = 1 cooperator already captures the only interaction: SHEAR is exact here
+    assert torch.allclose(shapley(f, x, base, "shear", budget=4), exact, atol=1e-5)
+
+
+def test_shear_refuses_models_without_second_derivatives():
+    f = _model(act=nn.ReLU)
+    x, base = torch.randn(M), torch.randn(M)
+    with pytest.raises(explain.NotDifferentiable, match="second derivatives are zero"):
+        shapley(f, x, base, "shear")
+    est = shapley(f, x, base, "shear", budget=16, interactions="finite-difference", return_details=True)
+    exact = shapley(f, x, base, "exact")
+    assert metrics.absolute_error(est.values, exact) < 0.5 * float(exact.abs().sum()) + 1e-4
+    assert est.evaluations[0] == 16 * M + 1 + M + M * (M - 1) // 2
+
+    def not_torch(z):
+        return torch.from_numpy(z.detach().numpy().sum(1))
+
+    with pytest.raises(explain.NotDifferentiable):
+        shapley(not_torch, x, base, "shear")
+
+
+def test_bad_input_is_named():
+    f = _model()
+    x, base = torch.randn(M), torch.randn(M)
+    with pytest.raises(ValueError, match="unknown method"):
+        shapley(f, x, base, "lime")
+    with pytest.raises(TypeError, match="floating-point"):
+        shapley(f, torch.ones(M, dtype=torch.long), base)
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        shapley(f, torch.full((M,), float("nan")), base)
+    with pytest.raises(ValueError, match="empty"):
+        shapley(f, torch.zeros(0), base)
+    with pytest.raises(ValueError, match="baseline must be"):
+        shapley(f, x, torch.randn(M + 1))
+    with pytest.raises(ValueError, match="max_exact_players=4"):
+        shapley(f, x, base, "exact", max_exact_players=4)
+    with pytest.raises(ValueError, match="budget"):
+        shapley(f, x, base, "kernel", budget=1)
+    with pytest.raises(ValueError, match="partition"):
+        shapley(f, x, base, groups=[[0, 1], [1, 2, 3, 4, 5, 6]])
+    torch.manual_seed(0)
+    net = nn.Linear(M, 3)
+    with pytest.raises(ValueError, match="pass target="):
+        shapley(net, x, base)
+
+
+def test_metrics():
+    exact = torch.tensor([[0.5, -0.2, 0.1], [0.0, 1.0, -2.0]])
+    assert metrics.absolute_error(exact, exact) == 0
+    assert metrics.absolute_error(exact + 0.1, exact) == pytest.approx(0.3)
+    assert metrics.ranking_accuracy(exact, exact) == 1.0
+    assert metrics.ranking_accuracy(torch.tensor([[0.1, -0.2, 0.5], [0.0, 1.0, -2.0]]), exact) == pytest.approx(4 / 6)
+
+    def f(z):
+        return 3 * z[:, 0] + z[:, 1] - 2 * z[:, 2]
+
+    x, base = torch.ones(3), torch.zeros(3)
+    phi = shapley(f, x, base, "exact")
+    assert metrics.faithfulness(f, x, base, phi) == pytest.approx(1.0)
+    assert metrics.faithfulness(f, x, base, -phi) == pytest.approx(-1.0)
