@@ -1,0 +1,57 @@
+import pytest
+import torch
+
+from lowbit.kernels.binary import (
+    binary_matmul,
+    binary_matmul_torch,
+    pack_mask,
+    pack_signs,
+    pack_signs_torch,
+    pack_ternary,
+    ternary_matmul,
+    ternary_matmul_torch,
+    unpack_signs,
+)
+
+
+def _pm1(x):
+    return torch.where(x >= 0, 1.0, -1.0)
+
+
+@pytest.mark.parametrize("m,n,k", [(1, 1, 1), (1, 5, 64), (7, 3, 65), (33, 17, 130), (4, 9, 640)])
+def test_binary_matmul_is_exact(m, n, k):
+    a, b = torch.randn(m, k), torch.randn(n, k)
+    pa, pb = pack_signs(a), pack_signs(b)
+    assert torch.equal(pa, pack_signs_torch(a)) and torch.equal(unpack_signs(pa, k), _pm1(a))
+    ref = (_pm1(a).double() @ _pm1(b).double().T).round().int()
+    assert torch.equal(binary_matmul(pa, pb, k), ref)
+    assert torch.equal(binary_matmul_torch(pa, pb, k), ref)
+    valid = torch.rand(m, k) > 0.3  # conv padding: those entries are 0, not +-1
+    ref_v = ((_pm1(a) * valid).double() @ _pm1(b).double().T).round().int()
+    assert torch.equal(binary_matmul(pa, pb, k, pack_mask(valid)), ref_v)
+    t = torch.randint(-1, 2, (n, k)).float()
+    plus, minus = pack_ternary(t)
+    ref_t = (_pm1(a).double() @ t.double().T).round().int()
+    assert torch.equal(ternary_matmul(pa, plus, minus, k), ref_t)
+    assert torch.equal(ternary_matmul_torch(pa, plus, minus, k), ref_t)
+    ref_tv = ((_pm1(a) * valid).double() @ t.double().T).round().int()
+    assert torch.equal(ternary_matmul(pa, plus, minus, k, pack_mask(valid)), ref_tv)
+
+
+def test_non_contiguous_inputs_and_zero_is_plus_one():
+    a = torch.randn(70, 12).T  # [12, 70], non-contiguous
+    b = torch.randn(5, 70)
+    a[0, :3] = 0.0
+    ref = (_pm1(a) @ _pm1(b).T).round().int()
+    assert torch.equal(binary_matmul(pack_signs(a), pack_signs(b), 70), ref)
+    assert unpack_signs(pack_signs(a), 70)[0, 0] == 1.0
+
+
+def test_bad_packed_inputs():
+    a = pack_signs(torch.randn(3, 100))
+    with pytest.raises(ValueError, match="k=200"):
+        binary_matmul(a, a, 200)
+    with pytest.raises(TypeError, match="packed int64"):
+        binary_matmul(a.int(), a, 100)
+    with pytest.raises(TypeError, match="floating-point"):
+        pack_signs(torch.ones(2, 3, dtype=torch.long))
