@@ -55,3 +55,20 @@ def test_bad_packed_inputs():
         binary_matmul(a.int(), a, 100)
     with pytest.raises(TypeError, match="floating-point"):
         pack_signs(torch.ones(2, 3, dtype=torch.long))
+
+
+def test_llvm_popcount_gemm_matches_numba_and_reference():
+    from lowbit.kernels import popcount_gemm
+    from lowbit.kernels.binary import _binary_mm_nb
+
+    if not popcount_gemm.available():
+        pytest.skip("llvmlite cannot JIT here")
+    for m, n, k in [(4, 4, 64), (9, 13, 513), (64, 5, 1000)]:
+        a, b = pack_signs(torch.randn(m, k)), pack_signs(torch.randn(n, k))
+        ref = binary_matmul_torch(a, b, k)
+        assert torch.equal(popcount_gemm.popcount_gemm(a, b, k, threads=2), ref)
+        out = torch.empty(m, n, dtype=torch.int32)
+        _binary_mm_nb(a.numpy(), b.numpy(), k, out.numpy())
+        assert torch.equal(out, ref)
+    with pytest.raises(ValueError, match="65536"):
+        popcount_gemm.popcount_gemm(a, b, 1 << 16)

@@ -11,9 +11,10 @@ every operand. Then for rows a, b of the same K:
 Ternary values {-1, 0, +1} use two bit-planes, plus (p) and minus (n); against +-1 signs s:
     t . x = [2 popcount(p AND s) - popcount(p)] - [2 popcount(n AND s) - popcount(n)].
 
-CPU tensors use numba kernels (parallel over rows, LLVM's ctpop, which the compiler turns into
-vector popcount on CPUs that have it); every other device uses the torch reference (unpack to
-+-1 and an ordinary matmul), which is also what tests compare the kernels against bit for bit.
+CPU tensors use a register-blocked LLVM kernel for the plain binary product (popcount_gemm.py,
+512-bit vectors where the CPU has them) and numba kernels for the rest (parallel over rows, LLVM's
+ctpop); every other device uses the torch reference (unpack to +-1 and an ordinary matmul),
+which is also what tests compare the kernels against bit for bit.
 """
 from __future__ import annotations
 
@@ -22,6 +23,8 @@ import numpy as np
 import torch
 from numba import types
 from numba.extending import intrinsic
+
+from lowbit.kernels import popcount_gemm
 
 WORD = 64
 
@@ -171,6 +174,8 @@ def binary_matmul(a: torch.Tensor, b: torch.Tensor, k: int, valid: torch.Tensor 
         raise ValueError(f"valid must have a's shape {list(a.shape)}, got {list(valid.shape)}")
     if a.device.type != "cpu":
         return binary_matmul_torch(a, b, k, valid)
+    if valid is None and k < 1 << 16 and min(a.shape[0], b.shape[0]) >= 4 and popcount_gemm.available():
+        return popcount_gemm.popcount_gemm(a, b, k)
     out = torch.empty(a.shape[0], b.shape[0], dtype=torch.int32)
     if out.numel():
         an, bn = a.contiguous().numpy(), b.contiguous().numpy()
