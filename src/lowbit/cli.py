@@ -77,6 +77,10 @@ def _bench(args) -> int:
         budgets = tuple(int(b) for b in args.budgets.split(","))
         explain_bench.run(budgets=budgets, quick=args.quick, out=args.out, with_shap=not args.no_shap,
                           instances=args.instances, data=args.data)
+    elif args.what == "kernels":
+        from lowbit.bench import kernels as kernel_bench
+
+        kernel_bench.run(quick=args.quick, out=args.out)
     elif args.what == "codec":
         from lowbit.bench import codec
 
@@ -228,7 +232,7 @@ def main(argv=None) -> int:
     e.add_argument("--seed", type=int, default=0)
     e.set_defaults(func=_explain)
     b = sub.add_parser("bench", help="run a benchmark (writes JSON, a table and a plot)")
-    b.add_argument("what", choices=["act", "codec", "quant", "explain"])
+    b.add_argument("what", choices=["act", "codec", "quant", "explain", "kernels"])
     b.add_argument("--budgets", default="8,16,32,64,128", help="explain: evaluations per feature")
     b.add_argument("--instances", type=int, default=None, help="explain: first N test rows (default all)")
     b.add_argument("--no-shap", action="store_true", help="explain: skip the shap library rows")

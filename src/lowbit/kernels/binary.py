@@ -186,6 +186,165 @@ def binary_matmul(a: torch.Tensor, b: torch.Tensor, k: int, valid: torch.Tensor 
     return out
 
 
+def xor_popcount_product(a: torch.Tensor, b: torch.Tensor, k: int) -> torch.Tensor:
+    """k - 2 * popcount(a_i XOR b_j) for packed rows of the same width (no width check: callers
+    whose rows hold zero padding bits, e.g. channel-packed conv taps, pass the true k)."""
+    if a.device.type != "cpu":
+        words = a.shape[1] * WORD
+        x, y = unpack_signs(a, words).double(), unpack_signs(b, words).double()
+        return (k - (words - torch.round(x @ y.T)) / 2 * 2).to(torch.int32)
+    if k < 1 << 16 and min(a.shape[0], b.shape[0]) >= 4 and popcount_gemm.available():
+        return popcount_gemm.popcount_gemm(a, b, k)
+    out = torch.empty(a.shape[0], b.shape[0], dtype=torch.int32)
+    if out.numel():
+        _binary_mm_nb(a.contiguous().numpy(), b.contiguous().numpy(), k, out.numpy())
+    return out
+
+
+@numba.njit(parallel=True, cache=True)
+def _gather_taps_nb(img, c, kh, kw, sh, sw, dh, dw, ph, pw, ho, wo, out):
+    """img int64 [N, H, W, Wc]: C sign bits per pixel. out int64 [N*ho*wo, ceil(kh*kw*C/64)]: for
+    each output position, the C bits of each tap (kh, kw order) end to end; taps in the zero
+    padding (ph, pw) stay 0 bits."""
+    n, h, w, wc = img.shape
+    rows = n * ho * wo
+    for r in numba.prange(rows):
+        b = r // (ho * wo)
+        oy = (r // wo) % ho
+        ox = r % wo
+        for t in range(out.shape[1]):
+            out[r, t] = 0
+        bit = 0
+        for ty in range(kh):
+            for tx in range(kw):
+                py = oy * sh + ty * dh - ph
+                px = ox * sw + tx * dw - pw
+                if py < 0 or py >= h or px < 0 or px >= w:
+                    bit += c
+                    continue
+                if c % 64 == 0:
+                    for q in range(wc):
+                        out[r, bit // 64 + q] = img[b, py, px, q]
+                else:  # c divides 64: the tap fits in one word at a bit offset
+                    out[r, bit // 64] |= img[b, py, px, 0] << np.int64(bit % 64)
+                bit += c
+
+
+def gather_conv_taps(img: torch.Tensor, c: int, kernel_size, stride, padding, dilation, ho: int, wo: int) -> torch.Tensor:
+    """Binary im2col on packed pixels: img int64 [N, H, W, ceil(C/64)] -> rows int64
+    [N * ho * wo, ceil(kh * kw * C / 64)] in bit order (kh, kw, C) — the order of
+    ``pack_signs(w.permute(0, 2, 3, 1).reshape(O, -1))``; taps in the zero padding get 0 bits.
+    Needs C % 64 == 0 or 64 % C == 0."""
+    if c % WORD and WORD % c:
+        raise ValueError(f"gather_conv_taps needs C to divide 64 or be a multiple of 64, got C={c}")
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel_size, stride, padding, dilation
+    out = torch.empty(img.shape[0] * ho * wo, words_for(kh * kw * c), dtype=torch.int64)
+    if out.numel():
+        _gather_taps_nb(img.contiguous().numpy(), c, kh, kw, sh, sw, dh, dw, ph, pw, ho, wo, out.numpy())
+    return out
+
+
+@numba.njit(parallel=True, cache=True)
+def _epilogue_nb(acc, corr, per_pos, alpha, rscale, bias, out):
+    """out[r, o] = (acc[r, o] + corr[r % per_pos, o]) * alpha[o] * rscale[r] + bias[o] (float32)."""
+    rows, o = acc.shape
+    has_corr = corr.shape[0] > 0
+    has_scale = rscale.shape[0] > 0
+    for r in numba.prange(rows):
+        s = rscale[r] if has_scale else np.float32(1.0)
+        p = r % per_pos
+        for j in range(o):
+            v = np.float32(acc[r, j] + (corr[p, j] if has_corr else 0))
+            out[r, j] = v * alpha[j] * s + bias[j]
+
+
+def scale_epilogue(acc: torch.Tensor, alpha: torch.Tensor, corr: torch.Tensor | None = None, per_pos: int = 1,
+                   row_scale: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """float32 [R, O] = (acc + corr[row % per_pos]) * alpha * row_scale + bias in one pass
+    (acc int32 [R, O], corr int32 [per_pos, O], alpha/bias [O], row_scale [R])."""
+    if acc.device.type != "cpu":
+        y = acc.float()
+        if corr is not None:
+            y = (y.reshape(-1, per_pos, y.shape[1]) + corr.float()).reshape(y.shape)
+        y = y * alpha
+        if row_scale is not None:
+            y = y * row_scale.reshape(-1, 1)
+        return y if bias is None else y + bias
+    o = acc.shape[1]
+    out = torch.empty(acc.shape, dtype=torch.float32)
+    _epilogue_nb(acc.contiguous().numpy(),
+                 (corr if corr is not None else torch.zeros(0, o, dtype=torch.int32)).contiguous().numpy(), per_pos,
+                 alpha.float().contiguous().numpy(),
+                 (row_scale.reshape(-1).float() if row_scale is not None else torch.zeros(0)).contiguous().numpy(),
+                 (bias.float() if bias is not None else torch.zeros(o)).contiguous().numpy(), out.numpy())
+    return out
+
+
+@numba.njit(parallel=True, cache=True)
+def _binary_conv_nb(x, wt, c, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo, k, corr, alpha, kscale, bias, out):
+    """Fused binary conv for small batches: sign-pack x [N, H, W, C] (NHWC) per pixel, gather the
+    taps of each output position, XOR-popcount against wt [O, Wk] (tight (kh, kw, C) layout), and
+    apply (acc + corr[pos]) * alpha * kscale[row] + bias. out float32 [N * ho * wo, O]."""
+    n, h, w, _ = x.shape
+    wc = (c + 63) // 64
+    pix = np.zeros((n, h, w, wc), np.int64)
+    for q in numba.prange(n * h * w):
+        b = q // (h * w)
+        yy = (q // w) % h
+        xx = q % w
+        for ch in range(c):
+            if x[b, yy, xx, ch] >= 0:
+                pix[b, yy, xx, ch // 64] |= np.int64(1) << np.int64(ch % 64)
+    o, wk = wt.shape
+    rows = n * ho * wo
+    has_corr = corr.shape[0] > 0
+    has_scale = kscale.shape[0] > 0
+    for r in numba.prange(rows):
+        b = r // (ho * wo)
+        pos = r % (ho * wo)
+        oy = pos // wo
+        ox = pos % wo
+        row = np.zeros(wk, np.int64)
+        bit = 0
+        for ty in range(kh):
+            for tx in range(kw):
+                py = oy * sh + ty * dh - ph
+                px = ox * sw + tx * dw - pw
+                if py >= 0 and py < h and px >= 0 and px < w:
+                    if c % 64 == 0:
+                        for q in range(wc):
+                            row[bit // 64 + q] = pix[b, py, px, q]
+                    else:
+                        row[bit // 64] |= pix[b, py, px, 0] << np.int64(bit % 64)
+                bit += c
+        s = kscale[r] if has_scale else np.float32(1.0)
+        for j in range(o):
+            cnt = np.int64(0)
+            for t in range(wk):
+                cnt += _popcount(row[t] ^ wt[j, t])
+            acc = k - 2 * cnt + (corr[pos, j] if has_corr else 0)
+            out[r, j] = np.float32(acc) * alpha[j] * s + bias[j]
+
+
+def binary_conv2d_fused(x_nhwc: torch.Tensor, weight_taps: torch.Tensor, c: int, kernel_size, stride, padding,
+                        dilation, ho: int, wo: int, k: int, alpha: torch.Tensor, corr: torch.Tensor | None = None,
+                        row_scale: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """One numba call for a whole binary conv (CPU, C dividing 64 or a multiple of it): x_nhwc
+    float [N, H, W, C] -> float32 [N * ho * wo, O]. Same arithmetic as pack_signs +
+    gather_conv_taps + xor_popcount_product + scale_epilogue, without the Python round trips
+    (which dominate at batch 1)."""
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel_size, stride, padding, dilation
+    o = weight_taps.shape[0]
+    out = torch.empty(x_nhwc.shape[0] * ho * wo, o, dtype=torch.float32)
+    _binary_conv_nb(x_nhwc.detach().float().contiguous().numpy(), weight_taps.contiguous().numpy(), c, kh, kw, sh, sw,
+                    ph, pw, dh, dw, ho, wo, k,
+                    (corr if corr is not None else torch.zeros(0, o, dtype=torch.int32)).contiguous().numpy(),
+                    alpha.float().contiguous().numpy(),
+                    (row_scale.reshape(-1).float() if row_scale is not None else torch.zeros(0)).contiguous().numpy(),
+                    (bias.float() if bias is not None else torch.zeros(o)).contiguous().numpy(), out.numpy())
+    return out
+
+
 def pack_ternary(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Ternary matrix [R, K] (values compared with 0) -> (plus plane, minus plane), int64 [R, W]."""
     return pack_mask(t > 0), pack_mask(t < 0)

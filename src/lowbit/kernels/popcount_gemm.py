@@ -138,6 +138,8 @@ def popcount_gemm(a: torch.Tensor, b: torch.Tensor, k: int, threads: int | None 
     ap, bp = _pad(a, mp, wp), _pad(b, np_, wp)
     out = torch.empty(mp, np_, dtype=torch.int32)
     threads = threads or torch.get_num_threads() or os.cpu_count() or 1
+    if mp * np_ * wp < 1 << 21:  # small products: a thread hand-off costs more than it saves
+        threads = 1
     blocks = mp // _RB
     per = -(-blocks // threads)
     ranges = [(s * _RB, min(blocks, s + per) * _RB) for s in range(0, blocks, per)]
@@ -148,6 +150,10 @@ def popcount_gemm(a: torch.Tensor, b: torch.Tensor, k: int, threads: int | None 
     if len(ranges) == 1:
         work(ranges[0])
     else:
-        with ThreadPoolExecutor(len(ranges)) as pool:
-            list(pool.map(work, ranges))
+        list(_pool(len(ranges)).map(work, ranges))
     return out[:m, :n]
+
+
+@functools.lru_cache(maxsize=4)
+def _pool(workers: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(workers, thread_name_prefix="lowbit-popcount")

@@ -6,6 +6,7 @@ QuantConv2d / QuantLinear, recipes that turn a float model into a quantized one,
     print(lowbit.quant.summary(qmodel))                # per-layer bits and packed bytes
 """
 from lowbit.quant import functions
+from lowbit.quant.export import export, storage_bytes
 from lowbit.quant.layers import QuantConv2d, QuantLinear, penalty, quant_layers, set_progress
 from lowbit.quant.quantizers import (
     LSQ,
@@ -28,5 +29,6 @@ __all__ = [
     "functions", "QuantConv2d", "QuantLinear", "penalty", "quant_layers", "set_progress", "LSQ", "BinaryActivation",
     "BinaryWeight", "GradientQuantizer", "NoiseAdaptation", "Quantizer", "SignQuantizer", "SparseBinaryWeight",
     "TernaryWeight", "UniformActivation", "UniformWeight", "RECIPES", "Recipe", "get_recipe", "quantize",
-    "register_recipe", "ModelSize", "model_size", "summary", "distillation_loss", "train_quantized",
+    "register_recipe", "ModelSize", "model_size", "summary", "distillation_loss", "train_quantized", "export",
+    "storage_bytes",
 ]

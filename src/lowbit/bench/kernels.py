@@ -1,0 +1,149 @@
+"""`lowbit bench kernels`: packed binary compute against torch float32, side by side in one run.
+
+1. binary_matmul (packed +-1, exact int32) against ``a @ b.T`` in float32, square sizes 256..4096
+   and the GEMM shapes of the reference ResNet's binary convs at batch 64 (M = N * H' * W',
+   N = out channels, K = C * 9). Packing of the operands is not timed: weights are packed once at
+   export, and the activation packing is part of the conv rows below.
+2. the exported binary conv layers against nn.Conv2d (float32) at batch 1 and 64.
+3. end to end: the exported XNOR ResNet against the float one at batch 1 and 64, and sizes.
+Medians of repeated runs after a warm-up; ratios are float time / packed time.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from lowbit import quant
+from lowbit.bench.common import have_matplotlib, markdown_table, write_json
+from lowbit.kernels.binary import binary_matmul, pack_signs
+from lowbit.models import ResNet
+from lowbit.quant.export import PackedBinaryLayer
+
+SIZES = (256, 512, 1024, 2048, 4096)
+
+
+def _median_time(fn, repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _repeats(work: float) -> int:
+    return max(3, min(50, int(2e9 / max(work, 1))))
+
+
+def _binary_layers(model: torch.nn.Module):
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, PackedBinaryLayer)]
+
+
+def run(sizes=SIZES, quick: bool = False, out: str | Path = "results/kernels", log=print) -> dict:
+    if quick:
+        sizes = tuple(s for s in sizes if s <= 512)
+    torch.manual_seed(0)
+    rows = []
+    for s in sizes:
+        a, b = torch.randn(s, s), torch.randn(s, s)
+        pa, pb = pack_signs(a), pack_signs(b)
+        reps = _repeats(s**3)
+        t_float = _median_time(lambda: a @ b.T, reps)
+        t_bin = _median_time(lambda: binary_matmul(pa, pb, s), reps)
+        rows.append({"kind": "square", "shape": f"{s}x{s}x{s}", "m": s, "n": s, "k": s,
+                     "float_ms": 1e3 * t_float, "binary_ms": 1e3 * t_bin, "speedup": t_float / t_bin})
+        log(f"matmul {s}^3: float {1e3 * t_float:.2f} ms, binary {1e3 * t_bin:.2f} ms, x{t_float / t_bin:.1f}")
+    float_model = ResNet().eval()
+    qmodel = quant.quantize(float_model, "xnor")
+    with torch.no_grad():
+        qmodel(torch.randn(32, 1, 28, 28))  # BatchNorm statistics, so activations are realistic
+    qmodel.eval()
+    packed = quant.export(qmodel)
+    shapes, hooks = {}, []
+    for name, layer in _binary_layers(packed):
+        hooks.append(layer.register_forward_hook(lambda m, i, o, name=name: shapes.__setitem__(name, i[0].shape)))
+    batch = 8 if quick else 64
+    with torch.no_grad():
+        packed(torch.randn(batch, 1, 28, 28))
+    for h in hooks:
+        h.remove()
+    for name, layer in _binary_layers(packed):
+        n_, c, h, w = shapes[name]
+        conv = dict(packed.named_modules())[name]
+        fl = float_model.get_submodule(name)
+        out_hw = fl(torch.zeros(1, c, h, w)).shape[-2:]
+        m = n_ * out_hw[0] * out_hw[1]
+        k, o = conv.k, conv.out_features
+        a, b = torch.randn(m, k), torch.randn(o, k)
+        pa, pb = pack_signs(a), pack_signs(b)
+        reps = _repeats(m * o * k)
+        t_float = _median_time(lambda: a @ b.T, reps)
+        t_bin = _median_time(lambda: binary_matmul(pa, pb, k), reps)
+        rows.append({"kind": "resnet-gemm", "shape": f"{name}: {m}x{o}x{k}", "m": m, "n": o, "k": k,
+                     "float_ms": 1e3 * t_float, "binary_ms": 1e3 * t_bin, "speedup": t_float / t_bin})
+        for bs in (1, batch):
+            x = torch.randn(bs, c, h, w)
+            with torch.no_grad():
+                t_f = _median_time(lambda: fl(x), _repeats(bs * c * h * w * o * 9))
+                t_b = _median_time(lambda: conv(x), _repeats(bs * c * h * w * o * 9))
+            rows.append({"kind": "conv", "shape": f"{name} batch {bs}: {c}->{o} at {h}x{w}", "m": bs, "n": o, "k": k,
+                         "float_ms": 1e3 * t_f, "binary_ms": 1e3 * t_b, "speedup": t_f / t_b})
+    sizes_row = {"float32_bytes": quant.storage_bytes(float_model), "packed_bytes": quant.storage_bytes(packed)}
+    sizes_row["compression"] = sizes_row["float32_bytes"] / sizes_row["packed_bytes"]
+    for bs in (1, batch):
+        x = torch.randn(bs, 1, 28, 28)
+        with torch.no_grad():
+            t_f = _median_time(lambda: float_model(x), 30 if bs == 1 else 10)
+            t_b = _median_time(lambda: packed(x), 30 if bs == 1 else 10)
+        rows.append({"kind": "end-to-end", "shape": f"ResNet batch {bs}", "m": bs, "n": 10, "k": 0,
+                     "float_ms": 1e3 * t_f, "binary_ms": 1e3 * t_b, "speedup": t_f / t_b})
+        log(f"end to end batch {bs}: float {1e3 * t_f:.2f} ms, exported xnor {1e3 * t_b:.2f} ms, x{t_f / t_b:.2f}")
+    with torch.no_grad():
+        x = torch.randn(4, 1, 28, 28)
+        max_diff = float((packed(x) - qmodel(x)).abs().max())
+    results = {"quick": quick, "threads": torch.get_num_threads(), "rows": rows, "model_size": sizes_row,
+               "export_max_abs_diff_vs_fake_quant": max_diff}
+    out = Path(out)
+    write_json(results, out / "kernels.json")
+    text = table_markdown(results)
+    (out / "kernels.md").write_text(text + "\n")
+    if have_matplotlib():
+        plot(results, out / "kernels.png")
+    log(text)
+    return results
+
+
+def table_markdown(results: dict) -> str:
+    rows = [[r["kind"], r["shape"], round(r["float_ms"], 3), round(r["binary_ms"], 3), round(r["speedup"], 2)]
+            for r in results["rows"]]
+    s = results["model_size"]
+    return (markdown_table(["kind", "shape", "float32 ms", "binary ms", "speedup ×"], rows)
+            + f"\n\nexported XNOR ResNet: {s['packed_bytes']:,} bytes vs {s['float32_bytes']:,} float32 "
+              f"({s['compression']:.1f}x smaller); max |exported - fake-quantized| = "
+              f"{results['export_max_abs_diff_vs_fake_quant']:.2e}")
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for kind, marker in (("square", "o"), ("resnet-gemm", "s")):
+        rs = [r for r in results["rows"] if r["kind"] == kind]
+        ax.scatter([r["m"] * r["n"] * r["k"] for r in rs], [r["speedup"] for r in rs], marker=marker, label=kind)
+    ax.axhline(1, color="grey", lw=0.8)
+    ax.set_xscale("log")
+    ax.set_xlabel("M x N x K (multiply-adds)")
+    ax.set_ylabel("speedup of binary_matmul over float32 matmul (x)")
+    ax.set_title(f"XOR-popcount GEMM vs torch float32 ({results['threads']} threads)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

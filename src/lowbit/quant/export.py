@@ -1,0 +1,285 @@
+"""``export(qmodel)``: a quantized model as an inference module that stores its quantized layers
+bit-packed and, where inputs are binary too, computes them with XOR-popcount.
+
+- binary weights x binary inputs (recipes bnn, xnor, fda, dirnet): PackedBinaryConv2d /
+  PackedBinaryLinear. Weights are stored as packed signs (1 bit) plus one float scale per output
+  channel; inputs are sign-packed on the fly; the integer product comes from
+  ``lowbit.kernels.binary_matmul``. Conv zero padding is exact: the padded positions (0, not +-1)
+  are corrected by a per-position term computed once per input size. XNOR-Net's input scale K
+  is computed as in training.
+- sparse binary weights x binary inputs (sbnn): W = beta + (alpha - beta) M, so
+  W x = beta * sum(x) + (alpha - beta) * (M x), M x from the two-plane kernel.
+- binary or ternary weights x float inputs (bwn, ternary, ternary-hq, ternary-ptq):
+  PackedWeightConv2d / PackedWeightLinear store 1 or 2 bit-planes plus scales and decode to
+  float on the first forward (the file and the stored model are small; the product is float).
+
+Outputs equal the fake-quantized model's in eval mode (the integer parts exactly).
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lowbit.kernels.binary import (
+    binary_matmul,
+    pack_mask,
+    pack_signs,
+    binary_conv2d_fused,
+    gather_conv_taps,
+    scale_epilogue,
+    ternary_matmul,
+    unpack_mask,
+    unpack_signs,
+    xor_popcount_product,
+)
+from lowbit.quant.layers import QUANT_LAYERS
+from lowbit.quant.quantizers import BinaryActivation, BinaryWeight, SparseBinaryWeight, TernaryWeight
+
+
+FUSED_MAX_PIXELS = 4096  # input pixels (N * H * W) up to which a binary conv runs as one fused numba call
+
+
+def _im2col(x: torch.Tensor, conv_args: dict) -> tuple[torch.Tensor, int, int]:
+    """[N, C, H, W] -> rows [N * L, C * kh * kw] (zero padded), with the output height and width."""
+    n, _, h, w = x.shape
+    kh, kw = conv_args["kernel_size"]
+    (ph, pw), (sh, sw), (dh, dw) = conv_args["padding"], conv_args["stride"], conv_args["dilation"]
+    ho = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+    wo = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    cols = F.unfold(x, (kh, kw), dilation=(dh, dw), padding=(ph, pw), stride=(sh, sw))  # [N, K, L]
+    return cols.transpose(1, 2).reshape(n * ho * wo, -1), ho, wo
+
+
+class _PackedBase(nn.Module):
+    def _conv_args(self) -> dict:
+        return {k: getattr(self, k) for k in ("kernel_size", "stride", "padding", "dilation")}
+
+    def _copy_geometry(self, layer: nn.Module) -> None:
+        self.is_conv = isinstance(layer, nn.Conv2d)
+        self.out_features = layer.weight.shape[0]
+        self.k = int(layer.weight[0].numel())
+        if self.is_conv:
+            if layer.groups != 1:
+                raise ValueError(f"export: grouped convolutions (groups={layer.groups}) are not supported")
+            self.kernel_size, self.stride = tuple(layer.kernel_size), tuple(layer.stride)
+            self.padding, self.dilation = tuple(layer.padding), tuple(layer.dilation)
+        self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().clone(), requires_grad=False)
+
+    def _finish(self, y2d: torch.Tensor, n: int, ho: int, wo: int) -> torch.Tensor:
+        if self.bias is not None:
+            y2d = y2d + self.bias
+        if not self.is_conv:
+            return y2d
+        return y2d.reshape(n, ho, wo, -1).permute(0, 3, 1, 2)
+
+
+class PackedBinaryLayer(_PackedBase):
+    """Binary weights (packed signs + per-channel scale) times sign(input), by XOR-popcount.
+
+    Linear: x [N, F] -> [N, O], weights packed along F. Conv: x [N, C, H, W] -> [N, O, H', W'];
+    the input is sign-packed along channels once per pixel (one "bit image" of
+    [N, H + 2p, W + 2p, ceil(C / 64)] words) and its taps are gathered as words, 32-64x less data
+    than a float im2col; weights are packed in the same (kh, kw, channel word) order. Padded
+    pixels hold 0 bits, i.e. -1, where the fake-quantized conv sees 0: a per-position correction
+    (sum of the filter's signs over the padded taps, computed once per input size) restores it."""
+
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        self._copy_geometry(layer)
+        wq = layer.quantized_weight().detach()
+        self.weight_shape = tuple(wq.shape)
+        self.register_buffer("weight_signs", pack_signs(wq.reshape(self.out_features, -1)))  # int64 [O, ceil(K/64)]
+        self.register_buffer("alpha", wq.reshape(self.out_features, -1).abs().amax(1).float())  # |w| per channel
+        self.xnor_scale = bool(getattr(layer.input_quantizer, "xnor_scale", False))
+        self._correction: dict = {}
+        self._taps: torch.Tensor | None = None
+
+    def _tight(self) -> bool:
+        c = self.weight_shape[1]
+        return c % 64 == 0 or 64 % c == 0
+
+    def _tap_signs(self) -> torch.Tensor:
+        """The stored signs re-packed in the (kh, kw, C) order of the gathered input rows: end to
+        end when C divides 64 or is a multiple of it, else one word group per tap (derived, not saved)."""
+        if self._taps is None:
+            o, c, kh, kw = self.weight_shape
+            w = unpack_signs(self.weight_signs, self.k).reshape(o, c, kh, kw).permute(0, 2, 3, 1)
+            if self._tight():
+                self._taps = pack_signs(w.reshape(o, -1))
+            else:
+                self._taps = pack_signs(w.reshape(o * kh * kw, c)).reshape(o, -1)
+        return self._taps
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._taps, self._correction = None, {}
+        return super()._load_from_state_dict(*args, **kwargs)
+
+    def _padding_correction(self, c: int, h: int, w: int) -> torch.Tensor | None:
+        """[L, O]: sum of each filter's signs over the taps that fall in the padding."""
+        if not any(self.padding):
+            return None
+        key = (h, w)
+        if key not in self._correction:
+            valid, _, _ = _im2col(torch.ones(1, c, h, w), self._conv_args())  # [L, K], 0 where padded
+            signs = unpack_signs(self.weight_signs, self.k)
+            self._correction[key] = ((1 - valid) @ signs.T).round().to(torch.int32)
+        return self._correction[key]
+
+    def _conv_rows(self, x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+        """Gathered tap words [N * L, kh * kw * ceil(C / 64)]."""
+        n, c, h, w = x.shape
+        (kh, kw), (ph, pw), (sh, sw), (dh, dw) = self.kernel_size, self.padding, self.stride, self.dilation
+        pix = pack_signs(x.permute(0, 2, 3, 1).reshape(n * h * w, c))  # [N*H*W, Wc]
+        wc = pix.shape[1]
+        ho = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+        wo = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+        if self._tight() and pix.device.type == "cpu":
+            rows = gather_conv_taps(pix.reshape(n, h, w, wc), c, self.kernel_size, self.stride, self.padding,
+                                    self.dilation, ho, wo)
+            return rows, ho, wo
+        img = torch.zeros(n, h + 2 * ph, w + 2 * pw, wc, dtype=torch.int64, device=pix.device)
+        img[:, ph : ph + h, pw : pw + w] = pix.reshape(n, h, w, wc)
+        sn, sh_, sw_, sc = img.stride()
+        taps = img.as_strided((n, ho, wo, kh, kw, wc), (sn, sh * sh_, sw * sw_, dh * sh_, dw * sw_, sc))
+        return taps.reshape(n * ho * wo, kh * kw * wc), ho, wo
+
+    def _xnor_k(self, x: torch.Tensor) -> torch.Tensor | None:
+        if not self.xnor_scale:
+            return None
+        a = x.abs().mean(1, keepdim=True)
+        if self.is_conv:
+            return F.avg_pool2d(a, self.kernel_size, self.stride, self.padding, count_include_pad=True).reshape(-1)
+        return a.reshape(-1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.is_conv and x.device.type == "cpu" and self._tight() and x.shape[0] * x.shape[2] * x.shape[3] <= FUSED_MAX_PIXELS:
+            # small batches: one fused numba call (Python round trips would dominate)
+            n, c, h, w = x.shape
+            (kh, kw), (ph, pw), (sh, sw), (dh, dw) = self.kernel_size, self.padding, self.stride, self.dilation
+            ho = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+            wo = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+            y = binary_conv2d_fused(x.permute(0, 2, 3, 1), self._tap_signs(), c, self.kernel_size, self.stride,
+                                    self.padding, self.dilation, ho, wo, self.k, self.alpha,
+                                    self._padding_correction(c, h, w), self._xnor_k(x), self.bias)
+            return y.to(x.dtype).reshape(n, ho, wo, -1).permute(0, 3, 1, 2)
+        if self.is_conv:
+            n, c, h, w = x.shape
+            rows, ho, wo = self._conv_rows(x)
+            acc = xor_popcount_product(rows, self._tap_signs(), self.k)  # padded channel bits are 0 in both
+            corr = self._padding_correction(c, h, w)
+        else:
+            n, ho, wo, corr = x.shape[0], 1, 1, None
+            acc = binary_matmul(pack_signs(x), self.weight_signs, self.k)  # [N, O] exact integers
+        y = scale_epilogue(acc, self.alpha, corr, ho * wo, self._xnor_k(x), self.bias).to(x.dtype)
+        if not self.is_conv:
+            return y
+        return y.reshape(n, ho, wo, -1).permute(0, 3, 1, 2)  # channels-last memory: the next pack needs no copy
+
+
+class PackedSparseBinaryLayer(_PackedBase):
+    """SBNN weights {beta_c, alpha_c} (1-bit mask M) times sign(input):
+    W x = beta_c * sum_k x_k + (alpha_c - beta_c) * (M x)."""
+
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        self._copy_geometry(layer)
+        wq = layer.quantized_weight().detach().reshape(self.out_features, -1)
+        mask = layer.weight_quantizer.mask(layer.weight.detach()).reshape(self.out_features, -1) > 0
+        hi = torch.where(mask, wq, torch.full_like(wq, -torch.inf)).amax(1)
+        lo = torch.where(mask, torch.full_like(wq, torch.inf), wq).amin(1)
+        self.register_buffer("mask", pack_mask(mask))
+        self.register_buffer("alpha", torch.where(torch.isfinite(hi), hi, 0.0).float())
+        self.register_buffer("beta", torch.where(torch.isfinite(lo), lo, 0.0).float())
+        self.register_buffer("zeros", torch.zeros_like(self.mask), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.is_conv:
+            n, _, h, w = x.shape
+            rows, ho, wo = _im2col(x, self._conv_args())
+            ones, _, _ = _im2col(torch.ones(1, x.shape[1], h, w, dtype=x.dtype), self._conv_args())
+            valid = pack_mask(ones.repeat(n, 1) > 0)
+        else:
+            n, ho, wo, rows, valid = x.shape[0], 1, 1, x, None
+        signs = pack_signs(rows)
+        mx = ternary_matmul(signs, self.mask, self.zeros, self.k, valid)  # [N*L, O]
+        sx = torch.where(rows >= 0, 1.0, -1.0)
+        if self.is_conv:
+            sx = sx * ones.repeat(n, 1)  # padded taps are 0
+        y = sx.sum(1, keepdim=True) * self.beta + mx.to(x.dtype) * (self.alpha - self.beta)
+        return self._finish(y, n, ho, wo)
+
+
+class PackedWeightLayer(_PackedBase):
+    """Binary or ternary weights stored as bit-planes + scales; float inputs. Decodes the weight
+    once (cached, not saved) and runs the ordinary float conv / linear."""
+
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        self._copy_geometry(layer)
+        self.weight_shape = tuple(layer.weight.shape)
+        wq = layer.quantized_weight().detach().reshape(self.out_features, -1)
+        self.register_buffer("plus", pack_mask(wq > 0))
+        self.register_buffer("minus", pack_mask(wq < 0))
+        self.register_buffer("alpha", wq.abs().amax(1).float())
+        self._decoded: torch.Tensor | None = None
+
+    def decoded_weight(self) -> torch.Tensor:
+        if self._decoded is None:
+            t = unpack_mask(self.plus, self.k).float() - unpack_mask(self.minus, self.k).float()
+            self._decoded = (t * self.alpha[:, None]).reshape(self.weight_shape)
+        return self._decoded
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.decoded_weight().to(x.dtype)
+        if self.is_conv:
+            return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation)
+        return F.linear(x, w, self.bias)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._decoded = None
+        return super()._load_from_state_dict(*args, **kwargs)
+
+
+def _packed_for(name: str, layer: nn.Module) -> nn.Module:
+    wq, iq = layer.weight_quantizer, layer.input_quantizer
+    binary_in = isinstance(iq, BinaryActivation)
+    if iq is not None and not binary_in:
+        raise ValueError(f"export: layer {name!r} has a {type(iq).__name__} input quantizer; lowbit exports binary "
+                         f"(bnn, xnor, fda, dirnet, sbnn) and binary/ternary-weight (bwn, ternary*) recipes")
+    if isinstance(wq, SparseBinaryWeight) and binary_in:
+        return PackedSparseBinaryLayer(layer)
+    if type(wq) is BinaryWeight and binary_in:
+        return PackedBinaryLayer(layer)
+    if iq is None and isinstance(wq, (BinaryWeight, TernaryWeight)):
+        return PackedWeightLayer(layer)
+    raise ValueError(f"export: layer {name!r} ({type(wq).__name__} weights, "
+                     f"{type(iq).__name__ if iq else 'float'} inputs) has no packed form")
+
+
+def export(qmodel: nn.Module) -> nn.Module:
+    """A packed inference copy of a quantized model (eval mode; ``qmodel`` is not modified)."""
+    model = copy.deepcopy(qmodel).eval()
+    for name, layer in [(n, m) for n, m in model.named_modules() if isinstance(m, QUANT_LAYERS)]:
+        if layer.grad_quantizer is not None:
+            layer.grad_quantizer = None
+        packed = _packed_for(name, layer)
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, attr, packed)
+    return model.requires_grad_(False)
+
+
+def storage_bytes(module: nn.Module) -> int:
+    """Bytes the module stores (parameters and persistent buffers, each tensor once)."""
+    seen, total = set(), 0
+    for t in list(module.state_dict(keep_vars=True).values()):
+        if t.data_ptr() in seen:
+            continue
+        seen.add(t.data_ptr())
+        total += t.numel() * t.element_size()
+    return total
+
+
+__all__ = ["export", "storage_bytes", "PackedBinaryLayer", "PackedSparseBinaryLayer", "PackedWeightLayer"]
