@@ -59,7 +59,7 @@ def test_bad_packed_inputs():
 
 def test_llvm_popcount_gemm_matches_numba_and_reference():
     from lowbit.kernels import popcount_gemm
-    from lowbit.kernels.binary import _binary_mm_nb
+    from lowbit.kernels.binary import _BINARY_MM_NB
 
     if not popcount_gemm.available():
         pytest.skip("llvmlite cannot JIT here")
@@ -68,7 +68,9 @@ def test_llvm_popcount_gemm_matches_numba_and_reference():
         ref = binary_matmul_torch(a, b, k)
         assert torch.equal(popcount_gemm.popcount_gemm(a, b, k, threads=2), ref)
         out = torch.empty(m, n, dtype=torch.int32)
-        _binary_mm_nb(a.numpy(), b.numpy(), k, out.numpy())
+        for kernel in _BINARY_MM_NB:  # parallel and serial builds
+            kernel(a.numpy(), b.numpy(), k, out.numpy())
+            assert torch.equal(out, ref)
         assert torch.equal(out, ref)
     with pytest.raises(ValueError, match="65536"):
         popcount_gemm.popcount_gemm(a, b, 1 << 16)

@@ -18,6 +18,8 @@ which is also what tests compare the kernels against bit for bit.
 """
 from __future__ import annotations
 
+import types as pytypes
+
 import numba
 import numpy as np
 import torch
@@ -40,6 +42,21 @@ def _popcount(typingctx, x):
     return sig, codegen
 
 
+_PARALLEL_MIN = 1 << 16  # work items below which the serial twin runs (a parallel launch costs ~10-50 us)
+
+
+def _twins(fn):
+    """(parallel, serial) numba builds of one kernel body (prange is range in the serial one); the
+    serial copy has its own qualified name so the two never share a cache entry."""
+    serial = pytypes.FunctionType(fn.__code__, fn.__globals__, fn.__name__ + "_serial", fn.__defaults__, fn.__closure__)
+    serial.__qualname__ = fn.__qualname__ + "_serial"
+    return numba.njit(parallel=True, cache=True)(fn), numba.njit(cache=True)(serial)
+
+
+def _pick(twins, work: int):
+    return twins[0] if work >= _PARALLEL_MIN else twins[1]
+
+
 def words_for(k: int) -> int:
     return (k + WORD - 1) // WORD
 
@@ -47,7 +64,6 @@ def words_for(k: int) -> int:
 # ----------------------------------------------------------------------------------------
 # packing
 # ----------------------------------------------------------------------------------------
-@numba.njit(parallel=True, cache=True)
 def _pack_signs_nb(x, out):  # x float32 [R, K] -> out int64 [R, W]
     r, k = x.shape
     w = out.shape[1]
@@ -60,6 +76,9 @@ def _pack_signs_nb(x, out):  # x float32 [R, K] -> out int64 [R, W]
                 if x[i, base + b] >= 0:
                     word |= np.int64(1) << np.int64(b)
             out[i, j] = word
+
+
+_PACK_SIGNS_NB = _twins(_pack_signs_nb)
 
 
 def pack_signs_torch(x: torch.Tensor) -> torch.Tensor:
@@ -83,7 +102,7 @@ def pack_signs(x: torch.Tensor) -> torch.Tensor:
     xc = x.detach().to(torch.float32).contiguous()
     out = torch.empty(x.shape[0], words_for(x.shape[1]), dtype=torch.int64)
     if x.numel():
-        _pack_signs_nb(xc.numpy(), out.numpy())
+        _pick(_PACK_SIGNS_NB, x.numel())(xc.numpy(), out.numpy())
     return out
 
 
@@ -106,7 +125,6 @@ def unpack_mask(packed: torch.Tensor, k: int) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------
 # products
 # ----------------------------------------------------------------------------------------
-@numba.njit(parallel=True, cache=True)
 def _binary_mm_nb(a, b, k, out):  # a [M, W], b [N, W] int64 -> out int32 [M, N]
     m, w = a.shape
     n = b.shape[0]
@@ -116,6 +134,9 @@ def _binary_mm_nb(a, b, k, out):  # a [M, W], b [N, W] int64 -> out int32 [M, N]
             for t in range(w):
                 s += _popcount(a[i, t] ^ b[j, t])
             out[i, j] = k - 2 * s
+
+
+_BINARY_MM_NB = _twins(_binary_mm_nb)
 
 
 @numba.njit(parallel=True, cache=True)
@@ -180,7 +201,7 @@ def binary_matmul(a: torch.Tensor, b: torch.Tensor, k: int, valid: torch.Tensor 
     if out.numel():
         an, bn = a.contiguous().numpy(), b.contiguous().numpy()
         if valid is None:
-            _binary_mm_nb(an, bn, k, out.numpy())
+            _pick(_BINARY_MM_NB, out.numel() * a.shape[1])(an, bn, k, out.numpy())
         else:
             _binary_mm_masked_nb(an, valid.contiguous().numpy(), bn, out.numpy())
     return out
@@ -197,11 +218,10 @@ def xor_popcount_product(a: torch.Tensor, b: torch.Tensor, k: int) -> torch.Tens
         return popcount_gemm.popcount_gemm(a, b, k)
     out = torch.empty(a.shape[0], b.shape[0], dtype=torch.int32)
     if out.numel():
-        _binary_mm_nb(a.contiguous().numpy(), b.contiguous().numpy(), k, out.numpy())
+        _pick(_BINARY_MM_NB, out.numel() * a.shape[1])(a.contiguous().numpy(), b.contiguous().numpy(), k, out.numpy())
     return out
 
 
-@numba.njit(parallel=True, cache=True)
 def _gather_taps_nb(img, c, kh, kw, sh, sw, dh, dw, ph, pw, ho, wo, out):
     """img int64 [N, H, W, Wc]: C sign bits per pixel. out int64 [N*ho*wo, ceil(kh*kw*C/64)]: for
     each output position, the C bits of each tap (kh, kw order) end to end; taps in the zero
@@ -230,6 +250,9 @@ def _gather_taps_nb(img, c, kh, kw, sh, sw, dh, dw, ph, pw, ho, wo, out):
                 bit += c
 
 
+_GATHER_TAPS_NB = _twins(_gather_taps_nb)
+
+
 def gather_conv_taps(img: torch.Tensor, c: int, kernel_size, stride, padding, dilation, ho: int, wo: int) -> torch.Tensor:
     """Binary im2col on packed pixels: img int64 [N, H, W, ceil(C/64)] -> rows int64
     [N * ho * wo, ceil(kh * kw * C / 64)] in bit order (kh, kw, C) — the order of
@@ -240,11 +263,10 @@ def gather_conv_taps(img: torch.Tensor, c: int, kernel_size, stride, padding, di
     (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel_size, stride, padding, dilation
     out = torch.empty(img.shape[0] * ho * wo, words_for(kh * kw * c), dtype=torch.int64)
     if out.numel():
-        _gather_taps_nb(img.contiguous().numpy(), c, kh, kw, sh, sw, dh, dw, ph, pw, ho, wo, out.numpy())
+        _pick(_GATHER_TAPS_NB, out.numel())(img.contiguous().numpy(), c, kh, kw, sh, sw, dh, dw, ph, pw, ho, wo, out.numpy())
     return out
 
 
-@numba.njit(parallel=True, cache=True)
 def _epilogue_nb(acc, corr, per_pos, alpha, rscale, bias, out):
     """out[r, o] = (acc[r, o] + corr[r % per_pos, o]) * alpha[o] * rscale[r] + bias[o] (float32)."""
     rows, o = acc.shape
@@ -256,6 +278,9 @@ def _epilogue_nb(acc, corr, per_pos, alpha, rscale, bias, out):
         for j in range(o):
             v = np.float32(acc[r, j] + (corr[p, j] if has_corr else 0))
             out[r, j] = v * alpha[j] * s + bias[j]
+
+
+_EPILOGUE_NB = _twins(_epilogue_nb)
 
 
 def scale_epilogue(acc: torch.Tensor, alpha: torch.Tensor, corr: torch.Tensor | None = None, per_pos: int = 1,
@@ -272,7 +297,7 @@ def scale_epilogue(acc: torch.Tensor, alpha: torch.Tensor, corr: torch.Tensor | 
         return y if bias is None else y + bias
     o = acc.shape[1]
     out = torch.empty(acc.shape, dtype=torch.float32)
-    _epilogue_nb(acc.contiguous().numpy(),
+    _pick(_EPILOGUE_NB, acc.numel())(acc.contiguous().numpy(),
                  (corr if corr is not None else torch.zeros(0, o, dtype=torch.int32)).contiguous().numpy(), per_pos,
                  alpha.float().contiguous().numpy(),
                  (row_scale.reshape(-1).float() if row_scale is not None else torch.zeros(0)).contiguous().numpy(),
@@ -280,68 +305,80 @@ def scale_epilogue(acc: torch.Tensor, alpha: torch.Tensor, corr: torch.Tensor | 
     return out
 
 
-@numba.njit(parallel=True, cache=True)
-def _binary_conv_nb(x, wt, c, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo, k, corr, alpha, kscale, bias, out):
-    """Fused binary conv for small batches: sign-pack x [N, H, W, C] (NHWC) per pixel, gather the
-    taps of each output position, XOR-popcount against wt [O, Wk] (tight (kh, kw, C) layout), and
-    apply (acc + corr[pos]) * alpha * kscale[row] + bias. out float32 [N * ho * wo, O]."""
+def _binary_conv_nb(x, wtt, geom, corr, alpha, bias, out):
+    """Fused binary conv: sign-pack x [N, H, W, C] (NHWC) per pixel, gather the taps of each output
+    position, XOR-popcount against the weight words wtt [Wk, O] (transposed, so the inner loop runs
+    over output channels and vectorises), and write (acc + corr[pos]) * alpha * K[row] + bias to
+    out float32 [N * ho * wo, O]. K is XNOR-Net's input scale (mean over channels of |x|,
+    box-filtered, zero padding counted) when geom[12] is 1, else 1.
+    geom: int64 [c, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo, k, xnor]; corr may have 0 rows."""
+    c, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo, k = (geom[0], geom[1], geom[2], geom[3], geom[4], geom[5], geom[6],
+                                                    geom[7], geom[8], geom[9], geom[10], geom[11])
+    xnor = geom[12] == 1
     n, h, w, _ = x.shape
     wc = (c + 63) // 64
-    pix = np.zeros((n, h, w, wc), np.int64)
+    pix = np.zeros((n * h * w, wc), np.int64)
+    absmean = np.zeros(n * h * w, np.float32)
     for q in numba.prange(n * h * w):
-        b = q // (h * w)
-        yy = (q // w) % h
-        xx = q % w
-        for ch in range(c):
-            if x[b, yy, xx, ch] >= 0:
-                pix[b, yy, xx, ch // 64] |= np.int64(1) << np.int64(ch % 64)
-    o, wk = wt.shape
+        b, rest = q // (h * w), q % (h * w)
+        yy, xx = rest // w, rest % w
+        tot = np.float32(0.0)
+        for word in range(wc):
+            acc_bits = np.int64(0)
+            top = min(64, c - word * 64)
+            for bit in range(top):
+                v = x[b, yy, xx, word * 64 + bit]
+                tot += abs(v)
+                acc_bits |= np.int64(v >= 0) << np.int64(bit)
+            pix[q, word] = acc_bits
+        absmean[q] = tot / c
+    wk, o = wtt.shape
     rows = n * ho * wo
+    rowbuf = np.zeros((rows, wk), np.int64)
+    acc = np.zeros((rows, o), np.int64)
     has_corr = corr.shape[0] > 0
-    has_scale = kscale.shape[0] > 0
     for r in numba.prange(rows):
-        b = r // (ho * wo)
-        pos = r % (ho * wo)
-        oy = pos // wo
-        ox = pos % wo
-        row = np.zeros(wk, np.int64)
+        b, pos = r // (ho * wo), r % (ho * wo)
+        oy, ox = pos // wo, pos % wo
         bit = 0
+        ksum = np.float32(0.0)
         for ty in range(kh):
             for tx in range(kw):
                 py = oy * sh + ty * dh - ph
                 px = ox * sw + tx * dw - pw
                 if py >= 0 and py < h and px >= 0 and px < w:
+                    q = (b * h + py) * w + px
+                    ksum += absmean[q]
                     if c % 64 == 0:
-                        for q in range(wc):
-                            row[bit // 64 + q] = pix[b, py, px, q]
+                        for t in range(wc):
+                            rowbuf[r, bit // 64 + t] = pix[q, t]
                     else:
-                        row[bit // 64] |= pix[b, py, px, 0] << np.int64(bit % 64)
+                        rowbuf[r, bit // 64] |= pix[q, 0] << np.int64(bit % 64)
                 bit += c
-        s = kscale[r] if has_scale else np.float32(1.0)
+        for t in range(wk):
+            rv = rowbuf[r, t]
+            for j in range(o):
+                acc[r, j] += _popcount(rv ^ wtt[t, j])
+        s = ksum / np.float32(kh * kw) if xnor else np.float32(1.0)
         for j in range(o):
-            cnt = np.int64(0)
-            for t in range(wk):
-                cnt += _popcount(row[t] ^ wt[j, t])
-            acc = k - 2 * cnt + (corr[pos, j] if has_corr else 0)
-            out[r, j] = np.float32(acc) * alpha[j] * s + bias[j]
+            v = k - 2 * acc[r, j] + (corr[pos, j] if has_corr else 0)
+            out[r, j] = np.float32(v) * alpha[j] * s + bias[j]
 
 
-def binary_conv2d_fused(x_nhwc: torch.Tensor, weight_taps: torch.Tensor, c: int, kernel_size, stride, padding,
-                        dilation, ho: int, wo: int, k: int, alpha: torch.Tensor, corr: torch.Tensor | None = None,
-                        row_scale: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """One numba call for a whole binary conv (CPU, C dividing 64 or a multiple of it): x_nhwc
-    float [N, H, W, C] -> float32 [N * ho * wo, O]. Same arithmetic as pack_signs +
-    gather_conv_taps + xor_popcount_product + scale_epilogue, without the Python round trips
-    (which dominate at batch 1)."""
-    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel_size, stride, padding, dilation
-    o = weight_taps.shape[0]
-    out = torch.empty(x_nhwc.shape[0] * ho * wo, o, dtype=torch.float32)
-    _binary_conv_nb(x_nhwc.detach().float().contiguous().numpy(), weight_taps.contiguous().numpy(), c, kh, kw, sh, sw,
-                    ph, pw, dh, dw, ho, wo, k,
-                    (corr if corr is not None else torch.zeros(0, o, dtype=torch.int32)).contiguous().numpy(),
-                    alpha.float().contiguous().numpy(),
-                    (row_scale.reshape(-1).float() if row_scale is not None else torch.zeros(0)).contiguous().numpy(),
-                    (bias.float() if bias is not None else torch.zeros(o)).contiguous().numpy(), out.numpy())
+_BINARY_CONV_NB = _twins(_binary_conv_nb)
+
+
+def binary_conv2d_fused(x_nhwc: torch.Tensor, weight_taps_t: np.ndarray, geom: np.ndarray, alpha: np.ndarray,
+                        corr: np.ndarray, bias: np.ndarray) -> torch.Tensor:
+    """One numba call for a whole binary conv on the CPU (C dividing 64 or a multiple of it):
+    x_nhwc float [N, H, W, C] -> float32 [N * ho * wo, O]. The same arithmetic as pack_signs +
+    gather_conv_taps + xor_popcount_product + scale_epilogue without the Python round trips, which
+    dominate at batch 1. The constant arguments are numpy arrays the caller keeps (see
+    lowbit.quant.export.PackedBinaryLayer): weight words transposed [Wk, O], geom as in _binary_conv_nb."""
+    n = x_nhwc.shape[0]
+    out = torch.empty(n * int(geom[9]) * int(geom[10]), weight_taps_t.shape[1], dtype=torch.float32)
+    xn = x_nhwc.detach().float().contiguous().numpy()
+    _pick(_BINARY_CONV_NB, out.numel() * weight_taps_t.shape[0])(xn, weight_taps_t, geom, corr, alpha, bias, out.numpy())
     return out
 
 

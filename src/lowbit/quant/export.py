@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -146,6 +147,21 @@ class PackedBinaryLayer(_PackedBase):
         taps = img.as_strided((n, ho, wo, kh, kw, wc), (sn, sh * sh_, sw * sw_, dh * sh_, dw * sw_, sc))
         return taps.reshape(n * ho * wo, kh * kw * wc), ho, wo
 
+    def _fused_args(self, c: int, h: int, w: int) -> tuple:
+        """numpy arguments of the fused kernel for this input size, built once."""
+        key = ("fused", c, h, w)
+        if key not in self._correction:
+            (kh, kw), (ph, pw), (sh, sw), (dh, dw) = self.kernel_size, self.padding, self.stride, self.dilation
+            ho = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+            wo = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+            geom = np.array([c, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo, self.k, int(self.xnor_scale)], dtype=np.int64)
+            corr = self._padding_correction(c, h, w)
+            corr = np.zeros((0, self.out_features), np.int32) if corr is None else corr.contiguous().numpy()
+            bias = np.zeros(self.out_features, np.float32) if self.bias is None else self.bias.detach().float().numpy()
+            self._correction[key] = (self._tap_signs().T.contiguous().numpy(), geom, self.alpha.float().contiguous().numpy(),
+                                     corr, bias)
+        return self._correction[key]
+
     def _xnor_k(self, x: torch.Tensor) -> torch.Tensor | None:
         if not self.xnor_scale:
             return None
@@ -158,13 +174,9 @@ class PackedBinaryLayer(_PackedBase):
         if self.is_conv and x.device.type == "cpu" and self._tight() and x.shape[0] * x.shape[2] * x.shape[3] <= FUSED_MAX_PIXELS:
             # small batches: one fused numba call (Python round trips would dominate)
             n, c, h, w = x.shape
-            (kh, kw), (ph, pw), (sh, sw), (dh, dw) = self.kernel_size, self.padding, self.stride, self.dilation
-            ho = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
-            wo = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
-            y = binary_conv2d_fused(x.permute(0, 2, 3, 1), self._tap_signs(), c, self.kernel_size, self.stride,
-                                    self.padding, self.dilation, ho, wo, self.k, self.alpha,
-                                    self._padding_correction(c, h, w), self._xnor_k(x), self.bias)
-            return y.to(x.dtype).reshape(n, ho, wo, -1).permute(0, 3, 1, 2)
+            taps, geom, alpha, corr, bias = self._fused_args(c, h, w)
+            y = binary_conv2d_fused(x.permute(0, 2, 3, 1), taps, geom, alpha, corr, bias)
+            return y.to(x.dtype).reshape(n, int(geom[9]), int(geom[10]), -1).permute(0, 3, 1, 2)
         if self.is_conv:
             n, c, h, w = x.shape
             rows, ho, wo = self._conv_rows(x)
