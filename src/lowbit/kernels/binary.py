@@ -335,7 +335,7 @@ def _binary_conv_nb(x, wtt, geom, corr, alpha, bias, out):
     wk, o = wtt.shape
     rows = n * ho * wo
     rowbuf = np.zeros((rows, wk), np.int64)
-    acc = np.zeros((rows, o), np.int64)
+    acc = np.empty((rows, o), np.int32)  # set by the first word, no zeroing pass
     has_corr = corr.shape[0] > 0
     for r in numba.prange(rows):
         b, pos = r // (ho * wo), r % (ho * wo)
@@ -355,10 +355,13 @@ def _binary_conv_nb(x, wtt, geom, corr, alpha, bias, out):
                     else:
                         rowbuf[r, bit // 64] |= pix[q, 0] << np.int64(bit % 64)
                 bit += c
-        for t in range(wk):
+        rv = rowbuf[r, 0]
+        for j in range(o):
+            acc[r, j] = np.int32(_popcount(rv ^ wtt[0, j]))
+        for t in range(1, wk):
             rv = rowbuf[r, t]
             for j in range(o):
-                acc[r, j] += _popcount(rv ^ wtt[t, j])
+                acc[r, j] += np.int32(_popcount(rv ^ wtt[t, j]))
         s = ksum / np.float32(kh * kw) if xnor else np.float32(1.0)
         for j in range(o):
             v = k - 2 * acc[r, j] + (corr[pos, j] if has_corr else 0)
