@@ -86,3 +86,16 @@ def test_explain_command_and_benchmark(tmp_path, capsys):
     assert all(r["abs_error"] > 0 and r["ms_per_instance"] > 0 for r in data["rows"])
     assert "shear_vs_antithetic_error_ratio_at_16" in res["claims"]
     assert (tmp_path / "explain.png").exists()
+
+
+def test_kernel_benchmark_writes_json(tmp_path):
+    from lowbit.bench import kernels as kernel_bench
+
+    res = kernel_bench.run(quick=True, out=tmp_path, log=lambda *a: None)
+    data = json.loads((tmp_path / "kernels.json").read_text())
+    kinds = {r["kind"] for r in data["rows"]}
+    assert kinds == {"square", "resnet-gemm", "conv", "end-to-end"}
+    assert all(r["float_ms"] > 0 and r["binary_ms"] > 0 for r in data["rows"])
+    assert res["model_size"]["compression"] > 20
+    assert res["export_max_abs_diff_vs_fake_quant"] < 1e-4
+    assert (tmp_path / "kernels.png").exists()

@@ -8,19 +8,19 @@ attribute that lets the backend keep 512-bit vectors. On CPUs without them LLVM 
 IR to whatever vectors exist, so the result is always exact; only the speed changes.
 
 ``popcount_gemm(a, b, k)``: a [M, W], b [N, W] packed int64 (lowbit.kernels.binary layout) ->
-int32 [M, N] = K - 2 * popcount(a XOR b) per row pair. Rows are split over threads (ctypes
-releases the GIL around each call).
+int32 [M, N] = K - 2 * popcount(a XOR b) per row pair. Row blocks are split over numba's
+(OpenMP) threads.
 """
 from __future__ import annotations
 
 import ctypes
 import functools
 import os
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-_RB, _CB, _VW = 4, 4, 8  # rows per block, columns per block, int64 lanes per vector
+_RB, _CB, _VW = 4, 4, 8  # rows per block, columns per block (<= 4: 16-bit fields in one i64), int64 lanes per vector
+JT_BYTES = 131072  # bytes of b per column tile
 
 
 def _ir() -> str:
@@ -28,18 +28,27 @@ def _ir() -> str:
     lines = [
         f"declare {v} @llvm.ctpop.v{_VW}i64({v})",
         f"declare i64 @llvm.vector.reduce.add.v{_VW}i64({v})",
-        "define void @bmm(i64* noalias %a, i64* noalias %b, i32* noalias %out, i64 %w, i64 %n, i64 %k, i64 %i0, i64 %i1) #0 {",
+        "define void @bmm(i64* noalias %a, i64* noalias %b, i32* noalias %out, i64 %w, i64 %n, i64 %k, i64 %i0, i64 %i1, i64 %jt) #0 {",
         "entry:",
+        "  br label %jtloop",
+        "jtloop:",  # tiles of jt columns of the output: that slice of b stays in cache for every row block
+        "  %j0 = phi i64 [ 0, %entry ], [ %j0next, %idone ]",
+        "  %jtcond = icmp slt i64 %j0, %n",
+        "  br i1 %jtcond, label %ipre, label %exit",
+        "ipre:",
+        "  %jendraw = add i64 %j0, %jt",
+        "  %jendlt = icmp slt i64 %jendraw, %n",
+        "  %jend = select i1 %jendlt, i64 %jendraw, i64 %n",
         "  br label %iloop",
         "iloop:",
-        "  %i = phi i64 [ %i0, %entry ], [ %inext, %jdone ]",
+        "  %i = phi i64 [ %i0, %ipre ], [ %inext, %jdone ]",
         "  %icond = icmp slt i64 %i, %i1",
-        "  br i1 %icond, label %jpre, label %exit",
+        "  br i1 %icond, label %jpre, label %idone",
         "jpre:",
         "  br label %jloop",
         "jloop:",
-        "  %j = phi i64 [ 0, %jpre ], [ %jnext, %tdone ]",
-        "  %jcond = icmp slt i64 %j, %n",
+        "  %j = phi i64 [ %j0, %jpre ], [ %jnext, %tdone ]",
+        "  %jcond = icmp slt i64 %j, %jend",
         "  br i1 %jcond, label %tpre, label %jdone",
         "tpre:",
     ]
@@ -79,7 +88,8 @@ def _ir() -> str:
                       f"  %f{r}{c} = trunc i64 %e{r}{c} to i32", f"  %oo{r}{c} = add i64 %o{r}, %cj{c}",
                       f"  %po{r}{c} = getelementptr i32, i32* %out, i64 %oo{r}{c}", f"  store i32 %f{r}{c}, i32* %po{r}{c}"]
     lines += [f"  %jnext = add i64 %j, {_CB}", "  br label %jloop", "jdone:", f"  %inext = add i64 %i, {_RB}",
-              "  br label %iloop", "exit:", "  ret void", "}",
+              "  br label %iloop", "idone:", "  %j0next = add i64 %j0, %jt", "  br label %jtloop",
+              "exit:", "  ret void", "}",
               'attributes #0 = { nounwind "min-legal-vector-width"="512" "prefer-vector-width"="512" }']
     return "\n".join(lines)
 
@@ -103,11 +113,27 @@ def _compiled():
             pb.getModulePassManager().run(mod, pb)
         engine = llvm.create_mcjit_compiler(mod, tm)
         engine.finalize_object()
-        fn = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
-                              ctypes.c_int64, ctypes.c_int64, ctypes.c_int64)(engine.get_function_address("bmm"))
-        return fn, engine
+        # pointers passed as int64 (same registers in the x86-64 / AArch64 C ABI), so numba can call it
+        fn = ctypes.CFUNCTYPE(None, *[ctypes.c_int64] * 9)(engine.get_function_address("bmm"))
+        return fn, engine, _row_runner(fn)
     except Exception:  # no JIT on this platform: callers fall back to numba
         return None
+
+
+def _row_runner(fn):
+    """A numba-parallel loop over row chunks that calls the kernel: it runs on numba's threading
+    layer, which shares the OpenMP runtime torch uses, so the kernel's threads are torch's own
+    threads instead of a second pool fighting them for the cores (spin-waiting OpenMP workers
+    after every torch op would otherwise halve the kernel's speed)."""
+    import numba
+
+    @numba.njit(parallel=True)
+    def run(a, b, out, w, n, k, rows, chunk, jt):
+        chunks = (rows + chunk - 1) // chunk
+        for c in numba.prange(chunks):
+            fn(a, b, out, w, n, k, c * chunk, min(rows, (c + 1) * chunk), jt)
+
+    return run
 
 
 def available() -> bool:
@@ -141,19 +167,19 @@ def popcount_gemm(a: torch.Tensor, b: torch.Tensor, k: int, threads: int | None 
     if mp * np_ * wp < 1 << 21:  # small products: a thread hand-off costs more than it saves
         threads = 1
     blocks = mp // _RB
-    per = -(-blocks // threads)
-    ranges = [(s * _RB, min(blocks, s + per) * _RB) for s in range(0, blocks, per)]
-
-    def work(rng):
-        fn(ap.data_ptr(), bp.data_ptr(), out.data_ptr(), wp, np_, k, rng[0], rng[1])
-
-    if len(ranges) == 1:
-        work(ranges[0])
+    chunk = -(-blocks // threads) * _RB
+    # a tile of b of about JT_BYTES stays in L2 while every row block of a passes over it
+    jt = max(_CB, min(np_, (JT_BYTES // (8 * wp)) // _CB * _CB))
+    args = (ap.data_ptr(), bp.data_ptr(), out.data_ptr(), wp, np_, k)
+    if threads == 1:
+        fn(*args, 0, mp, jt)
     else:
-        list(_pool(len(ranges)).map(work, ranges))
+        import numba
+
+        prev = numba.get_num_threads()
+        numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+        try:
+            compiled[2](*args, mp, chunk, jt)
+        finally:
+            numba.set_num_threads(prev)
     return out[:m, :n]
-
-
-@functools.lru_cache(maxsize=4)
-def _pool(workers: int) -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(workers, thread_name_prefix="lowbit-popcount")
