@@ -376,7 +376,9 @@ def test_every_recipe_learns_on_real_data(recipe):
 def test_export_matches_fake_quantized_model(recipe, kw, batch, fused, monkeypatch):
     import importlib
 
-    monkeypatch.setattr(importlib.import_module("lowbit.quant.export"), "FUSED_MAX_PIXELS", 1 << 30 if fused else 0)
+    export_module = importlib.import_module("lowbit.quant.export")
+    monkeypatch.setattr(export_module, "FUSED_MAX_PIXELS", 1 << 30 if fused else 0)
+    monkeypatch.setattr(export_module, "FUSED_MAX_WORDS", 1 << 30 if fused else 0)
     torch.manual_seed(0)
     q = quant.quantize(ResNet(widths=(8, 16, 96)), recipe, **kw)  # 96 channels: neither divides nor is a multiple of 64
     q(torch.randn(16, 1, 12, 12))  # BatchNorm statistics

@@ -41,6 +41,7 @@ from lowbit.quant.quantizers import BinaryActivation, BinaryWeight, SparseBinary
 
 
 FUSED_MAX_PIXELS = 4096  # input pixels (N * H * W) up to which a binary conv runs as one fused numba call
+FUSED_MAX_WORDS = 8  # ... and at any size when a gathered row has fewer 64-bit words than this
 
 
 def _im2col(x: torch.Tensor, conv_args: dict) -> tuple[torch.Tensor, int, int]:
@@ -147,11 +148,11 @@ class PackedBinaryLayer(_PackedBase):
         taps = img.as_strided((n, ho, wo, kh, kw, wc), (sn, sh * sh_, sw * sw_, dh * sh_, dw * sw_, sc))
         return taps.reshape(n * ho * wo, kh * kw * wc), ho, wo
 
-    def _fused_args(self, c: int, h: int, w: int) -> tuple:
+    def _fused_args(self, c: int, h: int, w: int, stride: tuple[int, int]) -> tuple:
         """numpy arguments of the fused kernel for this input size, built once."""
-        key = ("fused", c, h, w)
+        key = ("fused", c, h, w, stride)
         if key not in self._correction:
-            (kh, kw), (ph, pw), (sh, sw), (dh, dw) = self.kernel_size, self.padding, self.stride, self.dilation
+            (kh, kw), (ph, pw), (sh, sw), (dh, dw) = self.kernel_size, self.padding, stride, self.dilation
             ho = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
             wo = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
             geom = np.array([c, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo, self.k, int(self.xnor_scale)], dtype=np.int64)
@@ -171,10 +172,15 @@ class PackedBinaryLayer(_PackedBase):
         return a.reshape(-1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.is_conv and x.device.type == "cpu" and self._tight() and x.shape[0] * x.shape[2] * x.shape[3] <= FUSED_MAX_PIXELS:
-            # small batches: one fused numba call (Python round trips would dominate)
+        if self.is_conv and x.device.type == "cpu" and self._tight() and (
+                x.shape[0] * x.shape[2] * x.shape[3] <= FUSED_MAX_PIXELS or self._tap_signs().shape[1] < FUSED_MAX_WORDS):
+            # small batches or short rows: one fused numba call (Python round trips or the GEMM's
+            # 8-word vectors would dominate)
+            stride = self.stride
+            if self.kernel_size == (1, 1) and self.padding == (0, 0) and stride != (1, 1):
+                x, stride = x[:, :, :: stride[0], :: stride[1]], (1, 1)  # a strided 1x1 conv reads only these pixels
             n, c, h, w = x.shape
-            taps, geom, alpha, corr, bias = self._fused_args(c, h, w)
+            taps, geom, alpha, corr, bias = self._fused_args(c, h, w, stride)
             y = binary_conv2d_fused(x.permute(0, 2, 3, 1), taps, geom, alpha, corr, bias)
             return y.to(x.dtype).reshape(n, int(geom[9]), int(geom[10]), -1).permute(0, 3, 1, 2)
         if self.is_conv:
