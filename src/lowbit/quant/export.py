@@ -125,8 +125,8 @@ class PackedBinaryLayer(_PackedBase):
             return None
         key = (h, w)
         if key not in self._correction:
-            valid, _, _ = _im2col(torch.ones(1, c, h, w), self._conv_args())  # [L, K], 0 where padded
             signs = unpack_signs(self.weight_signs, self.k)
+            valid, _, _ = _im2col(torch.ones(1, c, h, w, device=signs.device), self._conv_args())  # [L, K], 0 where padded
             self._correction[key] = ((1 - valid) @ signs.T).round().to(torch.int32)
         return self._correction[key]
 
@@ -217,7 +217,7 @@ class PackedSparseBinaryLayer(_PackedBase):
         if self.is_conv:
             n, _, h, w = x.shape
             rows, ho, wo = _im2col(x, self._conv_args())
-            ones, _, _ = _im2col(torch.ones(1, x.shape[1], h, w, dtype=x.dtype), self._conv_args())
+            ones, _, _ = _im2col(torch.ones(1, x.shape[1], h, w, dtype=x.dtype, device=x.device), self._conv_args())
             valid = pack_mask(ones.repeat(n, 1) > 0)
         else:
             n, ho, wo, rows, valid = x.shape[0], 1, 1, x, None
