@@ -419,11 +419,13 @@ def test_export_saves_loads_and_is_small(tmp_path):
     x = torch.randn(2, 1, 28, 28)
     with torch.no_grad():
         assert torch.equal(fresh(x), exported(x))
-    mlp = quant.quantize(MLP(in_features=20, hidden=(70, 64)), "xnor")
-    mlp.eval()
-    x = torch.randn(5, 20)
-    with torch.no_grad():
-        assert torch.allclose(quant.export(mlp)(x), mlp(x), atol=1e-5)
+    for recipe in ("xnor", "sbnn", "ternary"):
+        mlp = quant.quantize(MLP(in_features=20, hidden=(70, 64)), recipe)
+        mlp.eval()
+        seq = nn.Sequential(*list(mlp.net.children())[1:])  # without Flatten: takes [..., F] inputs
+        x = torch.randn(3, 5, 20)  # a leading batch and token dimension
+        with torch.no_grad():
+            assert torch.allclose(quant.export(seq)(x), seq(x), atol=1e-5), recipe
 
 
 def test_export_refuses_what_it_cannot_pack():

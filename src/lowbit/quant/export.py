@@ -81,12 +81,13 @@ class _PackedBase(nn.Module):
 class PackedBinaryLayer(_PackedBase):
     """Binary weights (packed signs + per-channel scale) times sign(input), by XOR-popcount.
 
-    Linear: x [N, F] -> [N, O], weights packed along F. Conv: x [N, C, H, W] -> [N, O, H', W'];
-    the input is sign-packed along channels once per pixel (one "bit image" of
-    [N, H + 2p, W + 2p, ceil(C / 64)] words) and its taps are gathered as words, 32-64x less data
-    than a float im2col; weights are packed in the same (kh, kw, channel word) order. Padded
-    pixels hold 0 bits, i.e. -1, where the fake-quantized conv sees 0: a per-position correction
-    (sum of the filter's signs over the padded taps, computed once per input size) restores it."""
+    Linear: x [..., F] -> [..., O], weights packed along F. Conv: x [N, C, H, W] -> [N, O, H', W']
+    (returned channels-last in memory, so the next layer's packing needs no copy); the input is
+    sign-packed along channels once per pixel and its taps are gathered as bits, 32-64x less data
+    than a float im2col; weights are packed in the same (kh, kw, C) order. Taps in the zero
+    padding hold 0 bits, i.e. -1, where the fake-quantized conv sees 0: a per-position correction
+    (sum of the filter's signs over the padded taps, computed once per input size) restores it.
+    Small batches run as one fused numba call (``FUSED_MAX_PIXELS``, ``FUSED_MAX_WORDS``)."""
 
     def __init__(self, layer: nn.Module):
         super().__init__()
@@ -96,7 +97,7 @@ class PackedBinaryLayer(_PackedBase):
         self.register_buffer("weight_signs", pack_signs(wq.reshape(self.out_features, -1)))  # int64 [O, ceil(K/64)]
         self.register_buffer("alpha", wq.reshape(self.out_features, -1).abs().amax(1).float())  # |w| per channel
         self.xnor_scale = bool(getattr(layer.input_quantizer, "xnor_scale", False))
-        self._correction: dict = {}
+        self._cache: dict = {}
         self._taps: torch.Tensor | None = None
 
     def _tight(self) -> bool:
@@ -116,7 +117,7 @@ class PackedBinaryLayer(_PackedBase):
         return self._taps
 
     def _load_from_state_dict(self, *args, **kwargs):
-        self._taps, self._correction = None, {}
+        self._taps, self._cache = None, {}
         return super()._load_from_state_dict(*args, **kwargs)
 
     def _padding_correction(self, c: int, h: int, w: int) -> torch.Tensor | None:
@@ -124,11 +125,11 @@ class PackedBinaryLayer(_PackedBase):
         if not any(self.padding):
             return None
         key = (h, w)
-        if key not in self._correction:
+        if key not in self._cache:
             signs = unpack_signs(self.weight_signs, self.k)
             valid, _, _ = _im2col(torch.ones(1, c, h, w, device=signs.device), self._conv_args())  # [L, K], 0 where padded
-            self._correction[key] = ((1 - valid) @ signs.T).round().to(torch.int32)
-        return self._correction[key]
+            self._cache[key] = ((1 - valid) @ signs.T).round().to(torch.int32)
+        return self._cache[key]
 
     def _conv_rows(self, x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
         """Gathered tap words [N * L, kh * kw * ceil(C / 64)]."""
@@ -151,7 +152,7 @@ class PackedBinaryLayer(_PackedBase):
     def _fused_args(self, c: int, h: int, w: int, stride: tuple[int, int]) -> tuple:
         """numpy arguments of the fused kernel for this input size, built once."""
         key = ("fused", c, h, w, stride)
-        if key not in self._correction:
+        if key not in self._cache:
             (kh, kw), (ph, pw), (sh, sw), (dh, dw) = self.kernel_size, self.padding, stride, self.dilation
             ho = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
             wo = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
@@ -159,17 +160,17 @@ class PackedBinaryLayer(_PackedBase):
             corr = self._padding_correction(c, h, w)
             corr = np.zeros((0, self.out_features), np.int32) if corr is None else corr.contiguous().numpy()
             bias = np.zeros(self.out_features, np.float32) if self.bias is None else self.bias.detach().float().numpy()
-            self._correction[key] = (self._tap_signs().T.contiguous().numpy(), geom, self.alpha.float().contiguous().numpy(),
+            self._cache[key] = (self._tap_signs().T.contiguous().numpy(), geom, self.alpha.float().contiguous().numpy(),
                                      corr, bias)
-        return self._correction[key]
+        return self._cache[key]
 
     def _xnor_k(self, x: torch.Tensor) -> torch.Tensor | None:
         if not self.xnor_scale:
             return None
-        a = x.abs().mean(1, keepdim=True)
         if self.is_conv:
+            a = x.abs().mean(1, keepdim=True)
             return F.avg_pool2d(a, self.kernel_size, self.stride, self.padding, count_include_pad=True).reshape(-1)
-        return a.reshape(-1)
+        return x.abs().mean(-1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.is_conv and x.device.type == "cpu" and self._tight() and (
@@ -189,11 +190,11 @@ class PackedBinaryLayer(_PackedBase):
             acc = xor_popcount_product(rows, self._tap_signs(), self.k)  # padded channel bits are 0 in both
             corr = self._padding_correction(c, h, w)
         else:
-            n, ho, wo, corr = x.shape[0], 1, 1, None
+            lead, x = x.shape[:-1], x.reshape(-1, x.shape[-1])
             acc = binary_matmul(pack_signs(x), self.weight_signs, self.k)  # [N, O] exact integers
+            y = scale_epilogue(acc, self.alpha, None, 1, self._xnor_k(x), self.bias).to(x.dtype)
+            return y.reshape(*lead, -1)
         y = scale_epilogue(acc, self.alpha, corr, ho * wo, self._xnor_k(x), self.bias).to(x.dtype)
-        if not self.is_conv:
-            return y
         return y.reshape(n, ho, wo, -1).permute(0, 3, 1, 2)  # channels-last memory: the next pack needs no copy
 
 
@@ -220,14 +221,17 @@ class PackedSparseBinaryLayer(_PackedBase):
             ones, _, _ = _im2col(torch.ones(1, x.shape[1], h, w, dtype=x.dtype, device=x.device), self._conv_args())
             valid = pack_mask(ones.repeat(n, 1) > 0)
         else:
-            n, ho, wo, rows, valid = x.shape[0], 1, 1, x, None
+            lead = x.shape[:-1]
+            rows = x.reshape(-1, x.shape[-1])
+            n, ho, wo, valid = rows.shape[0], 1, 1, None
         signs = pack_signs(rows)
         mx = ternary_matmul(signs, self.mask, self.zeros, self.k, valid)  # [N*L, O]
         sx = torch.where(rows >= 0, 1.0, -1.0)
         if self.is_conv:
             sx = sx * ones.repeat(n, 1)  # padded taps are 0
         y = sx.sum(1, keepdim=True) * self.beta + mx.to(x.dtype) * (self.alpha - self.beta)
-        return self._finish(y, n, ho, wo)
+        y = self._finish(y, n, ho, wo)
+        return y if self.is_conv else y.reshape(*lead, -1)
 
 
 class PackedWeightLayer(_PackedBase):
