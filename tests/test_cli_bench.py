@@ -41,9 +41,11 @@ def test_act_benchmark_writes_json_table_and_plot(tmp_path):
 def test_quantize_command_trains_and_saves(tmp_path, capsys):
     path = tmp_path / "q.pt"
     assert main(["quantize", "--recipe", "sbnn", "--data", "digits", "--limit", "256", "--epochs", "1",
-                 "--batch-size", "64", "--option", "sparsity=0.9", "--save", str(path), "-v"]) == 0
+                 "--batch-size", "64", "--option", "sparsity=0.9", "--save", str(path), "-v",
+                 "--export", str(tmp_path / "packed.pt")]) == 0
     out = capsys.readouterr().out
     assert "test accuracy" in out and "compression" in out and "sparsity=0.9" in out
+    assert "exported the packed model" in out and (tmp_path / "packed.pt").exists()
     from lowbit import quant
     from lowbit.bench.common import reference_model
 

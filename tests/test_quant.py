@@ -413,6 +413,11 @@ def test_export_saves_loads_and_is_small(tmp_path):
     q.eval()
     exported = quant.export(q)
     assert quant.storage_bytes(model) / quant.storage_bytes(exported) > 20
+    size = quant.model_size(exported)  # real bytes of the packed layers, float32 of the rest
+    assert size.packed_bytes == quant.storage_bytes(exported) - 8 * sum(
+        1 for k in exported.state_dict() if k.endswith("num_batches_tracked"))
+    assert size.float32_bytes == quant.model_size(model).float32_bytes and size.compression > 20
+    assert "PackedBinaryLayer" in quant.summary(exported)
     torch.save(exported.state_dict(), tmp_path / "packed.pt")
     fresh = quant.export(quant.quantize(ResNet(), "xnor"))
     fresh.load_state_dict(torch.load(tmp_path / "packed.pt"))

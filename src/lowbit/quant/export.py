@@ -70,6 +70,11 @@ class _PackedBase(nn.Module):
             self.padding, self.dilation = tuple(layer.padding), tuple(layer.dilation)
         self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().clone(), requires_grad=False)
 
+    def stored_size(self) -> tuple[int, int]:
+        """(bytes this layer stores, values of the float layer it replaces: weights + bias)."""
+        stored = sum(t.numel() * t.element_size() for t in self.state_dict().values())
+        return stored, self.out_features * self.k + (0 if self.bias is None else self.bias.numel())
+
     def _finish(self, y2d: torch.Tensor, n: int, ho: int, wo: int) -> torch.Tensor:
         if self.bias is not None:
             y2d = y2d + self.bias

@@ -67,6 +67,11 @@ def model_size(model: nn.Module) -> ModelSize:
             packed = math.ceil(m.weight.numel() * bits / 8) + 4 * (scales + rest)
             rows.append(SizeRow(name, type(m).__name__, bits, m.weight.numel() + rest, packed, 4 * (m.weight.numel() + rest)))
             continue
+        stored = getattr(m, "stored_size", None)
+        if stored is not None:  # an exported (packed) layer: its real bytes against its float32 layer
+            packed, values = stored()
+            rows.append(SizeRow(name, type(m).__name__, round(8 * packed / max(values, 1), 2), values, packed, 4 * values))
+            continue
         n = _float_count(m)
         if n:
             rows.append(SizeRow(name, type(m).__name__, 32.0, n, 4 * n, 4 * n))
