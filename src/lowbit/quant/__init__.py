@@ -8,6 +8,7 @@ QuantConv2d / QuantLinear, recipes that turn a float model into a quantized one,
 from lowbit.quant import functions
 from lowbit.quant.export import export, storage_bytes
 from lowbit.quant.layers import QuantConv2d, QuantLinear, penalty, quant_layers, set_progress
+from lowbit.quant.mixed import allocate_bits, fold_batchnorm, hutchinson_trace, rtn_weight, sensitivity, weight_counts
 from lowbit.quant.quantizers import (
     LSQ,
     BinaryActivation,
@@ -30,5 +31,5 @@ __all__ = [
     "BinaryWeight", "GradientQuantizer", "NoiseAdaptation", "Quantizer", "SignQuantizer", "SparseBinaryWeight",
     "TernaryWeight", "UniformActivation", "UniformWeight", "RECIPES", "Recipe", "get_recipe", "quantize",
     "register_recipe", "ModelSize", "model_size", "summary", "distillation_loss", "train_quantized", "export",
-    "storage_bytes",
+    "storage_bytes", "allocate_bits", "fold_batchnorm", "hutchinson_trace", "rtn_weight", "sensitivity", "weight_counts",
 ]

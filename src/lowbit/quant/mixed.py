@@ -1,0 +1,136 @@
+"""Mixed precision: per-layer sensitivity to weight quantization, and the bit allocation that
+minimises total sensitivity under a size budget (HAWQ-style). Also BatchNorm folding for
+post-training quantization.
+
+    s = sensitivity(model, (x, y), bits=(2, 4, 8))          # {layer: {bits: sensitivity}}
+    plan = allocate_bits(s, sizes=weight_counts(model), average_bits=3)   # {layer: bits}
+"""
+from __future__ import annotations
+
+import copy
+from typing import Iterable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def weight_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, module) for every nn.Conv2d / nn.Linear, in module order."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+
+
+def weight_counts(model: nn.Module) -> dict[str, int]:
+    return {n: m.weight.numel() for n, m in weight_layers(model)}
+
+
+def rtn_weight(w: torch.Tensor, bits: int) -> torch.Tensor:
+    """Symmetric per-output-channel round-to-nearest onto 2^(bits-1) - 1 levels each side
+    (bits >= 2; 1 bit is sign(w) * mean|w| per channel)."""
+    dims = tuple(range(1, w.dim()))
+    if bits == 1:
+        return torch.where(w >= 0, 1.0, -1.0) * w.abs().mean(dims, keepdim=True)
+    qmax = 2 ** (bits - 1) - 1
+    scale = w.abs().amax(dims, keepdim=True).clamp_min(1e-12) / qmax
+    return torch.round(w / scale).clamp(-qmax, qmax) * scale
+
+
+def _loss(model: nn.Module, data) -> torch.Tensor:
+    x, y = data
+    return F.cross_entropy(model(x), y)
+
+
+def hutchinson_trace(model: nn.Module, data, params: Iterable[nn.Parameter], samples: int = 32,
+                     seed: int = 0) -> list[float]:
+    """Trace of the loss Hessian block of each parameter, by Hutchinson's estimator
+    E[v^T H v] with Rademacher v (one Hessian-vector product per sample, shared graph)."""
+    params = list(params)
+    gen = torch.Generator().manual_seed(seed)
+    loss = _loss(model, data)
+    grads = torch.autograd.grad(loss, params, create_graph=True)
+    traces = [0.0] * len(params)
+    for _ in range(samples):
+        vs = [(torch.randint(0, 2, p.shape, generator=gen) * 2 - 1).to(p.dtype) for p in params]
+        hv = torch.autograd.grad(grads, params, grad_outputs=vs, retain_graph=True)
+        for i, (h, v) in enumerate(zip(hv, vs)):
+            traces[i] += float((h * v).sum()) / samples
+    return traces
+
+
+def sensitivity(model: nn.Module, data: tuple[torch.Tensor, torch.Tensor], bits=(2, 3, 4, 8), how: str = "hessian",
+                samples: int = 32, layers: list[str] | None = None) -> dict[str, dict[int, float]]:
+    """Per-layer sensitivity to quantizing its weights to each width in ``bits``.
+
+    how="hessian": (trace(H_l) / n_l) * ||Q_b(W_l) - W_l||^2 (HAWQ-v2), Hutchinson trace over
+    ``samples`` Rademacher vectors. how="loss": the loss increase on ``data`` when layer l alone
+    is quantized to b bits (round to nearest, per channel). data: (inputs, integer labels); the
+    model is evaluated in eval mode and left unchanged."""
+    if how not in ("hessian", "loss"):
+        raise ValueError(f"unknown sensitivity {how!r}: choose 'hessian' or 'loss'")
+    if not bits:
+        raise ValueError("bits must list at least one width")
+    model_was_training = model.training
+    model.eval()
+    chosen = [(n, m) for n, m in weight_layers(model) if layers is None or n in layers]
+    if not chosen:
+        raise ValueError("the model has no nn.Conv2d / nn.Linear layer to measure")
+    out: dict[str, dict[int, float]] = {}
+    try:
+        if how == "hessian":
+            traces = hutchinson_trace(model, data, [m.weight for _, m in chosen], samples)
+            for (name, m), tr in zip(chosen, traces):
+                w = m.weight.detach()
+                out[name] = {b: tr / w.numel() * float((rtn_weight(w, b) - w).pow(2).sum()) for b in bits}
+        else:
+            with torch.no_grad():
+                base = float(_loss(model, data))
+                for name, m in chosen:
+                    w = m.weight.detach().clone()
+                    out[name] = {}
+                    for b in bits:
+                        m.weight.copy_(rtn_weight(w, b))
+                        out[name][b] = float(_loss(model, data)) - base
+                    m.weight.copy_(w)
+    finally:
+        model.train(model_was_training)
+    return out
+
+
+def allocate_bits(sens: dict[str, dict[int, float]], sizes: dict[str, int], average_bits: float | None = None,
+                  budget_bytes: float | None = None) -> dict[str, int]:
+    """Per-layer widths minimising sum_l sens[l][b_l] subject to sum_l sizes[l] * b_l <= budget,
+    solved exactly as a mixed-integer program (scipy's HiGHS). The budget is ``average_bits``
+    (over all weights) or ``budget_bytes`` (packed weight bytes). Raises ValueError if even the
+    smallest widths do not fit."""
+    from scipy.optimize import Bounds, LinearConstraint, milp
+
+    if (average_bits is None) == (budget_bytes is None):
+        raise ValueError("give exactly one of average_bits= or budget_bytes=")
+    names = list(sens)
+    missing = [n for n in names if n not in sizes]
+    if missing:
+        raise ValueError(f"sizes has no entry for {missing}")
+    total_bits = average_bits * sum(sizes[n] for n in names) if average_bits is not None else 8 * budget_bytes
+    choices = [(li, b) for li, n in enumerate(names) for b in sorted(sens[n])]
+    cost = np.array([sens[names[li]][b] for li, b in choices], dtype=float)
+    pick = np.zeros((len(names), len(choices)))
+    for k, (li, _) in enumerate(choices):
+        pick[li, k] = 1
+    size_row = np.array([[sizes[names[li]] * b for li, b in choices]], dtype=float)
+    cheapest = sum(sizes[n] * min(sens[n]) for n in names)
+    if cheapest > total_bits + 1e-9:
+        raise ValueError(f"budget of {total_bits:.0f} bits is below the smallest allocation ({cheapest} bits)")
+    res = milp(cost, constraints=[LinearConstraint(pick, 1, 1), LinearConstraint(size_row, -np.inf, total_bits)],
+               integrality=np.ones(len(choices)), bounds=Bounds(0, 1))
+    if not res.success:
+        raise RuntimeError(f"the bit allocation did not solve: {res.message}")
+    return {names[li]: b for (li, b), x in zip(choices, res.x) if x > 0.5}
+
+
+def fold_batchnorm(model: nn.Module) -> nn.Module:
+    """An eval-mode copy with every Conv2d -> BatchNorm2d pair folded into the conv (torch.fx
+    traces the model to find the pairs; the input model is not modified)."""
+    from torch.fx.experimental.optimization import fuse
+
+    return fuse(copy.deepcopy(model).eval())

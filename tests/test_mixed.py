@@ -1,0 +1,102 @@
+import itertools
+
+import pytest
+import torch
+from torch import nn
+
+from lowbit import quant
+from lowbit.data import load_images
+from lowbit.models import MLP, ResNet
+
+
+def test_rtn_weight_levels_and_error():
+    w = torch.randn(6, 5, 3, 3)
+    for bits in (2, 3, 4, 8):
+        q = quant.rtn_weight(w, bits)
+        assert max(row.unique().numel() for row in q.flatten(1)) <= 2**bits - 1
+    errs = [float((quant.rtn_weight(w, b) - w).pow(2).sum()) for b in (2, 3, 4, 8)]
+    assert errs == sorted(errs, reverse=True)
+
+
+def test_hutchinson_matches_exact_hessian_trace():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 3))
+    x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
+    w = model[0].weight
+
+    def loss_of(wflat):
+        out = torch.tanh(x @ wflat.reshape(3, 4).T + model[0].bias)
+        return nn.functional.cross_entropy(model[2](out), y)
+
+    exact = float(torch.autograd.functional.hessian(loss_of, w.detach().flatten()).diagonal().sum())
+    est = quant.hutchinson_trace(model, (x, y), [w], samples=4000)[0]
+    assert est == pytest.approx(exact, rel=0.05, abs=1e-3)
+
+
+def _brute_force(sens, sizes, total_bits):
+    names = list(sens)
+    best = None
+    for combo in itertools.product(*[sorted(sens[n]) for n in names]):
+        if sum(sizes[n] * b for n, b in zip(names, combo)) <= total_bits + 1e-9:
+            cost = sum(sens[n][b] for n, b in zip(names, combo))
+            best = cost if best is None or cost < best else best
+    return best
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_allocation_is_optimal_and_within_budget(seed):
+    gen = torch.Generator().manual_seed(seed)
+    names = [f"l{i}" for i in range(4)]
+    sizes = {n: int(torch.randint(10, 200, (1,), generator=gen)) for n in names}
+    sens = {}
+    for n in names:  # decreasing in bits, like real sensitivities
+        vals = sorted(torch.rand(4, generator=gen).tolist(), reverse=True)
+        sens[n] = dict(zip((2, 3, 4, 8), vals))
+    for avg in (2.5, 3.0, 4.5):
+        plan = quant.allocate_bits(sens, sizes, average_bits=avg)
+        total = avg * sum(sizes.values())
+        assert sum(sizes[n] * b for n, b in plan.items()) <= total + 1e-6
+        assert sum(sens[n][plan[n]] for n in names) == pytest.approx(_brute_force(sens, sizes, total))
+    plan = quant.allocate_bits(sens, sizes, budget_bytes=sum(sizes.values()) * 3 / 8)
+    assert sum(sizes[n] * b for n, b in plan.items()) <= sum(sizes.values()) * 3 + 1e-6
+    with pytest.raises(ValueError, match="below the smallest"):
+        quant.allocate_bits(sens, sizes, average_bits=1)
+    with pytest.raises(ValueError, match="exactly one"):
+        quant.allocate_bits(sens, sizes)
+
+
+def test_sensitivity_hessian_and_loss_on_a_trained_model():
+    torch.manual_seed(0)
+    x, y = load_images("digits", "train", 256)
+    model = MLP(in_features=64, hidden=(32, 32))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(60):
+        loss = nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for how in ("hessian", "loss"):
+        s = quant.sensitivity(model, (x, y), bits=(2, 4, 8), how=how, samples=8)
+        assert set(s) == {"net.1", "net.3", "net.5"}
+        for name, per_bits in s.items():
+            assert per_bits[2] > per_bits[8]  # fewer bits, more damage
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    plan = quant.allocate_bits(quant.sensitivity(model, (x, y), bits=(2, 4, 8), samples=8),
+                               quant.weight_counts(model), average_bits=4)
+    assert set(plan.values()) <= {2, 4, 8}
+    with pytest.raises(ValueError, match="unknown sensitivity"):
+        quant.sensitivity(model, (x, y), how="fisher")
+
+
+def test_fold_batchnorm_preserves_outputs():
+    torch.manual_seed(0)
+    model = ResNet(widths=(8, 16, 16))
+    model(torch.randn(32, 1, 12, 12))  # running statistics
+    model.eval()
+    folded = quant.fold_batchnorm(model)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules())  # input untouched
+    x = torch.randn(4, 1, 12, 12)
+    with torch.no_grad():
+        assert torch.allclose(folded(x), model(x), atol=1e-5)
