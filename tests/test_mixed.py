@@ -100,3 +100,56 @@ def test_fold_batchnorm_preserves_outputs():
     x = torch.randn(4, 1, 12, 12)
     with torch.no_grad():
         assert torch.allclose(folded(x), model(x), atol=1e-5)
+
+
+def _trained_resnet():
+    torch.manual_seed(0)
+    train = load_images("digits", "train", 600)
+    model = ResNet(widths=(16, 32, 32))
+    quant.train_quantized(model, train, train, epochs=3, batch_size=64, lr=5e-3, progress=False)
+    return model.eval(), train
+
+
+def test_ptq_rtn_keeps_accuracy_at_8_bits_and_puts_values_on_the_grid():
+    model, (x, y) = _trained_resnet()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    test_x, test_y = load_images("digits", "test", 300)
+    with torch.no_grad():
+        float_acc = float((model(test_x).argmax(1) == test_y).float().mean())
+    accs = {}
+    for wb, ab in ((8, 8), (4, 8), (2, 2)):
+        q = quant.ptq(model, x[:256], w_bits=wb, a_bits=ab)
+        with torch.no_grad():
+            accs[(wb, ab)] = float((q(test_x).argmax(1) == test_y).float().mean())
+        layer = quant.quant_layers(q)[0][1]
+        assert max(row.unique().numel() for row in layer.weight.flatten(1)) <= 2**wb - 1
+        xin = torch.randn(2, layer.in_channels, 6, 6) * 3
+        assert layer.input_quantizer(xin).unique().numel() <= 2**ab
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert accs[(8, 8)] >= float_acc - 0.01
+    assert accs[(2, 2)] < accs[(8, 8)]
+    size8 = quant.model_size(quant.ptq(model, x[:64], w_bits=8, a_bits=8)).packed_bytes
+    size4 = quant.model_size(quant.ptq(model, x[:64], w_bits=4, a_bits=8)).packed_bytes
+    assert size4 < size8
+
+
+def test_ptq_mixed_widths_and_calibrations():
+    model, (x, _) = _trained_resnet()
+    names = [n for n, _ in quant.mixed.weight_layers(quant.fold_batchnorm(model))][1:-1]
+    plan = {n: (2 if i % 2 else 8) for i, n in enumerate(names)}
+    q = quant.ptq(model, x[:128], w_bits=plan, a_bits=None)
+    for n, layer in quant.quant_layers(q):
+        assert layer.weight_bits == plan[n] and layer.input_quantizer is None
+    from lowbit.quant.ptq import _range
+
+    acts = torch.relu(torch.randn(20000)) ** 2  # heavy tail
+    err = {}
+    for how in ("minmax", "percentile", "mse"):
+        lo, hi = _range(acts, 4, how, 99.9)
+        err[how] = float((quant.FixedUniform(4, lo, hi)(acts) - acts).pow(2).mean())
+        assert lo == 0.0  # unsigned data keeps 0 exact
+    assert err["mse"] <= err["minmax"] and err["percentile"] < err["minmax"]
+    with pytest.raises(ValueError, match="unknown ptq method"):
+        quant.ptq(model, x[:8], method="gptq")
+    with pytest.raises(ValueError, match="does not have"):
+        quant.ptq(model, x[:8], w_bits={"nope": 4})

@@ -60,8 +60,9 @@ def model_size(model: nn.Module) -> ModelSize:
             continue  # quantizers are counted with their layer; noise adaptation is dropped at inference
         if isinstance(m, QUANT_LAYERS):
             wq = m.weight_quantizer
-            bits = 32.0 if wq is None else float(wq.storage_bits)
-            scales = 0 if wq is None else wq.num_scales(m.weight)
+            fixed = getattr(m, "weight_bits", None)  # post-training quantized: weights already on the grid
+            bits = float(wq.storage_bits) if wq is not None else float(fixed or 32)
+            scales = wq.num_scales(m.weight) if wq is not None else (m.weight.shape[0] if fixed else 0)
             scales += 0 if m.input_quantizer is None else m.input_quantizer.num_scales(m.weight)
             rest = _float_count(m, skip_weight=True)
             packed = math.ceil(m.weight.numel() * bits / 8) + 4 * (scales + rest)

@@ -1,0 +1,123 @@
+"""Post-training quantization without retraining: ``ptq(model, calib, w_bits=4, a_bits=4)``.
+
+BatchNorm is folded into the preceding conv, weights are rounded to nearest per output channel
+(symmetric), and each quantized layer's input gets a fixed uniform quantizer whose range comes
+from the calibration data (min/max, a percentile, or the clipping that minimises the squared
+quantization error). ``w_bits`` may be a per-layer mapping, e.g. from ``allocate_bits``.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lowbit.quant.functions import round_ste
+from lowbit.quant.layers import QuantConv2d, QuantLinear
+from lowbit.quant.mixed import fold_batchnorm, rtn_weight, weight_layers
+from lowbit.quant.quantizers import Quantizer
+
+CALIBRATIONS = ("minmax", "percentile", "mse")
+
+
+class FixedUniform(Quantizer):
+    """Uniform quantization of x onto 2^bits levels of [lo, hi] (asymmetric; unsigned ranges keep 0
+    exact); straight-through backward inside the range. lo/hi are buffers set by calibration."""
+
+    def __init__(self, bits: int, lo: float = 0.0, hi: float = 1.0):
+        super().__init__()
+        if not 2 <= bits <= 16:
+            raise ValueError(f"activation bits must be in 2..16, got {bits}")
+        self.bits, self.storage_bits = bits, float(bits)
+        self.register_buffer("lo", torch.tensor(float(lo)))
+        self.register_buffer("hi", torch.tensor(float(hi)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n = 2**self.bits - 1
+        scale = (self.hi - self.lo).clamp_min(1e-12) / n
+        q = round_ste((torch.clamp(x, self.lo, self.hi) - self.lo) / scale)
+        return q * scale + self.lo
+
+    def num_scales(self, weight: torch.Tensor) -> int:
+        return 2  # lo and hi
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, range=[{float(self.lo):.4g}, {float(self.hi):.4g}]"
+
+
+def _range(x: torch.Tensor, bits: int, how: str, percentile: float) -> tuple[float, float]:
+    lo, hi = float(x.min()), float(x.max())
+    if how == "minmax":
+        return lo, hi
+    flat = x.flatten()
+    if flat.numel() > 1 << 20:  # quantiles of a sample are enough and keep torch.quantile in range
+        flat = flat[torch.randperm(flat.numel(), generator=torch.Generator().manual_seed(0))[: 1 << 20]]
+    if how == "percentile":
+        qs = torch.tensor([1 - percentile / 100, percentile / 100], dtype=flat.dtype)
+        plo, phi = torch.quantile(flat, qs).tolist()
+        return (0.0 if lo >= 0 else plo), phi
+    best, best_err = (lo, hi), float("inf")
+    for r in torch.linspace(0.3, 1.0, 36).tolist():  # clip ratio search (MSE)
+        clo, chi = (lo * r if lo < 0 else lo), hi * r
+        q = FixedUniform(bits, clo, chi)(flat)
+        err = float((q - flat).pow(2).mean())
+        if err < best_err:
+            best, best_err = (clo, chi), err
+    return best
+
+
+@torch.no_grad()
+def ptq(model: nn.Module, calib: torch.Tensor, w_bits: int | dict[str, int] = 4, a_bits: int | None = 4,
+        method: str = "rtn", calibration: str = "mse", percentile: float = 99.99, keep_first_last: bool = True,
+        batch_size: int = 256) -> nn.Module:
+    """A quantized copy of a trained float ``model`` (``model`` is not modified).
+
+    calib: a tensor of unlabeled inputs (a few hundred samples) or a DataLoader of inputs (or of
+    (input, label) pairs). w_bits: one width for every quantized layer or {layer name: width}
+    (layers missing from the mapping stay float). a_bits: width of every quantized layer's input
+    (None: float inputs). calibration: "minmax", "percentile" (``percentile`` and its mirror) or
+    "mse" (the clip ratio with the least squared error). First and last layers stay float
+    (``keep_first_last``). method: "rtn" (round to nearest)."""
+    if method != "rtn":
+        raise ValueError(f"unknown ptq method {method!r}: lowbit has 'rtn'")
+    if calibration not in CALIBRATIONS:
+        raise ValueError(f"unknown calibration {calibration!r}: choose one of {CALIBRATIONS}")
+    inputs = _calibration_tensor(calib)
+    qmodel = fold_batchnorm(model)
+    layers = weight_layers(qmodel)
+    if keep_first_last and len(layers) > 2:
+        layers = layers[1:-1]
+    widths = {n: (w_bits.get(n) if isinstance(w_bits, dict) else w_bits) for n, _ in layers}
+    layers = [(n, m) for n, m in layers if widths[n] is not None]
+    if isinstance(w_bits, dict):
+        unknown = sorted(set(w_bits) - {n for n, _ in weight_layers(qmodel)})
+        if unknown:
+            raise ValueError(f"w_bits names layers the model does not have (after BatchNorm folding): {unknown}")
+    seen: dict[str, list[torch.Tensor]] = {n: [] for n, _ in layers}
+    hooks = [m.register_forward_pre_hook(lambda mod, args, n=n: seen[n].append(args[0].detach())) for n, m in layers]
+    for i in range(0, len(inputs), batch_size):
+        qmodel(inputs[i : i + batch_size])
+    for h in hooks:
+        h.remove()
+    for name, layer in layers:
+        iq = None
+        if a_bits is not None:
+            lo, hi = _range(torch.cat([t.flatten() for t in seen[name]]), a_bits, calibration, percentile)
+            iq = FixedUniform(a_bits, lo, hi)
+        cls = QuantConv2d if isinstance(layer, nn.Conv2d) else QuantLinear
+        q = cls.from_float(layer, input_quantizer=iq)
+        q.weight.copy_(rtn_weight(layer.weight, widths[name]))
+        q.weight_bits = widths[name]
+        parent, _, attr = name.rpartition(".")
+        setattr(qmodel.get_submodule(parent) if parent else qmodel, attr, q)
+    qmodel.lowbit_recipe = {"name": f"ptq-{method}", "w_bits": w_bits, "a_bits": a_bits, "calibration": calibration}
+    return qmodel.eval()
+
+
+def _calibration_tensor(calib) -> torch.Tensor:
+    if isinstance(calib, torch.Tensor):
+        if calib.numel() == 0:
+            raise ValueError("the calibration set is empty")
+        return calib
+    batches = [b[0] if isinstance(b, (tuple, list)) else b for b in calib]
+    if not batches:
+        raise ValueError("the calibration loader yielded no batch")
+    return torch.cat(batches)
