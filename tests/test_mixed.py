@@ -153,3 +153,38 @@ def test_ptq_mixed_widths_and_calibrations():
         quant.ptq(model, x[:8], method="gptq")
     with pytest.raises(ValueError, match="does not have"):
         quant.ptq(model, x[:8], w_bits={"nope": 4})
+
+
+def test_adaround_rounds_each_weight_up_or_down_and_beats_rtn():
+    from lowbit.quant.ptq import adaround_weight
+
+    torch.manual_seed(0)
+    layer = nn.Conv2d(8, 6, 3, padding=1)
+    # correlated channels, as real activations are: rounding errors can then cancel across
+    # weights, which AdaRound exploits (for white inputs round-to-nearest is already optimal)
+    x = torch.randn(128, 1, 6, 6).repeat(1, 8, 1, 1) + 0.2 * torch.randn(128, 8, 6, 6)
+    w = layer.weight.detach()
+    for bits in (2, 3):
+        wq = adaround_weight(layer, x, x, bits, iters=300, batch=32)
+        scale = w.abs().amax((1, 2, 3), keepdim=True) / (2 ** (bits - 1) - 1)
+        steps = wq / scale
+        assert torch.allclose(steps, steps.round(), atol=1e-4)  # on the grid
+        assert ((steps.round() == torch.floor(w / scale)) | (steps.round() == torch.ceil(w / scale))).all()
+        with torch.no_grad():
+            ref = layer(x)
+            err_ada = float((nn.functional.conv2d(x, wq, layer.bias, padding=1) - ref).pow(2).mean())
+            err_rtn = float((nn.functional.conv2d(x, quant.rtn_weight(w, bits), layer.bias, padding=1) - ref).pow(2).mean())
+        assert err_ada < err_rtn
+
+
+def test_ptq_adaround_recovers_2_bit_weights():
+    model, (x, y) = _trained_resnet()
+    test_x, test_y = load_images("digits", "test", 300)
+
+    def acc(m):
+        with torch.no_grad():
+            return float((m(test_x).argmax(1) == test_y).float().mean())
+
+    rtn = quant.ptq(model, x[:256], w_bits=2, a_bits=8)
+    ada = quant.ptq(model, x[:256], w_bits=2, a_bits=8, method="adaround", adaround={"iters": 150})
+    assert acc(ada) > acc(rtn)

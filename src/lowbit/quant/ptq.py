@@ -67,7 +67,7 @@ def _range(x: torch.Tensor, bits: int, how: str, percentile: float) -> tuple[flo
 @torch.no_grad()
 def ptq(model: nn.Module, calib: torch.Tensor, w_bits: int | dict[str, int] = 4, a_bits: int | None = 4,
         method: str = "rtn", calibration: str = "mse", percentile: float = 99.99, keep_first_last: bool = True,
-        batch_size: int = 256) -> nn.Module:
+        batch_size: int = 256, adaround: dict | None = None) -> nn.Module:
     """A quantized copy of a trained float ``model`` (``model`` is not modified).
 
     calib: a tensor of unlabeled inputs (a few hundred samples) or a DataLoader of inputs (or of
@@ -75,9 +75,11 @@ def ptq(model: nn.Module, calib: torch.Tensor, w_bits: int | dict[str, int] = 4,
     (layers missing from the mapping stay float). a_bits: width of every quantized layer's input
     (None: float inputs). calibration: "minmax", "percentile" (``percentile`` and its mirror) or
     "mse" (the clip ratio with the least squared error). First and last layers stay float
-    (``keep_first_last``). method: "rtn" (round to nearest)."""
-    if method != "rtn":
-        raise ValueError(f"unknown ptq method {method!r}: lowbit has 'rtn'")
+    (``keep_first_last``). method: "rtn" (round to nearest) or "adaround" (learned up/down
+    rounding per weight by layer-output reconstruction on the calibration set, options in
+    ``adaround``: iters, lr, reg, batch)."""
+    if method not in ("rtn", "adaround"):
+        raise ValueError(f"unknown ptq method {method!r}: lowbit has 'rtn' and 'adaround'")
     if calibration not in CALIBRATIONS:
         raise ValueError(f"unknown calibration {calibration!r}: choose one of {CALIBRATIONS}")
     inputs = _calibration_tensor(calib)
@@ -97,6 +99,7 @@ def ptq(model: nn.Module, calib: torch.Tensor, w_bits: int | dict[str, int] = 4,
         qmodel(inputs[i : i + batch_size])
     for h in hooks:
         h.remove()
+    reference = fold_batchnorm(model) if method == "adaround" else None
     for name, layer in layers:
         iq = None
         if a_bits is not None:
@@ -104,12 +107,72 @@ def ptq(model: nn.Module, calib: torch.Tensor, w_bits: int | dict[str, int] = 4,
             iq = FixedUniform(a_bits, lo, hi)
         cls = QuantConv2d if isinstance(layer, nn.Conv2d) else QuantLinear
         q = cls.from_float(layer, input_quantizer=iq)
-        q.weight.copy_(rtn_weight(layer.weight, widths[name]))
+        if method == "adaround":  # layers in order: each sees the inputs of the already quantized ones
+            x_fp = _layer_input(reference, name, inputs, batch_size)
+            x_q = _layer_input(qmodel, name, inputs, batch_size)
+            q.weight.copy_(adaround_weight(layer, x_fp, x_q, widths[name], iq, **(adaround or {})))
+        else:
+            q.weight.copy_(rtn_weight(layer.weight, widths[name]))
         q.weight_bits = widths[name]
         parent, _, attr = name.rpartition(".")
         setattr(qmodel.get_submodule(parent) if parent else qmodel, attr, q)
     qmodel.lowbit_recipe = {"name": f"ptq-{method}", "w_bits": w_bits, "a_bits": a_bits, "calibration": calibration}
     return qmodel.eval()
+
+
+def _layer_input(model: nn.Module, name: str, inputs: torch.Tensor, batch_size: int) -> torch.Tensor:
+    got: list[torch.Tensor] = []
+    h = model.get_submodule(name).register_forward_pre_hook(lambda mod, args: got.append(args[0].detach()))
+    try:
+        for i in range(0, len(inputs), batch_size):
+            model(inputs[i : i + batch_size])
+    finally:
+        h.remove()
+    return torch.cat(got)
+
+
+_ZETA, _GAMMA = 1.1, -0.1  # AdaRound's stretch of the sigmoid, so h reaches exactly 0 and 1
+
+
+def _h(v: torch.Tensor) -> torch.Tensor:
+    return torch.clamp(torch.sigmoid(v) * (_ZETA - _GAMMA) + _GAMMA, 0, 1)
+
+
+def adaround_weight(layer: nn.Module, x_fp: torch.Tensor, x_q: torch.Tensor, bits: int, input_quantizer=None,
+                    iters: int = 500, lr: float = 1e-2, reg: float = 0.01, batch: int = 64, seed: int = 0) -> torch.Tensor:
+    """AdaRound (Nagel et al. 2020) for one layer: weights s * clip(floor(W / s) + h(V)) with a
+    learned rounding variable V per weight (h a stretched sigmoid), trained so the layer's output
+    on the quantized model's inputs x_q matches the float layer's output on float inputs x_fp,
+    plus the regulariser reg * sum(1 - |2h - 1|^beta) with beta going from 20 to 2, which pushes
+    every h to 0 or 1. Returns the rounded weights (on the per-channel symmetric grid of ``bits``)."""
+    with torch.enable_grad():
+        w = layer.weight.detach()
+        dims = tuple(range(1, w.dim()))
+        qmax = 2 ** (bits - 1) - 1
+        scale = w.abs().amax(dims, keepdim=True).clamp_min(1e-12) / qmax
+        base = torch.floor(w / scale)
+        frac = (w / scale - base).clamp(0.01, 0.99)
+        v = torch.nn.Parameter(-torch.log((_ZETA - _GAMMA) / (frac - _GAMMA) - 1))  # h(v) = frac at the start
+        opt = torch.optim.Adam([v], lr=lr)
+        gen = torch.Generator().manual_seed(seed)
+        fwd = (lambda a, ww: torch.nn.functional.conv2d(a, ww, layer.bias, layer.stride, layer.padding, layer.dilation,
+                                                          layer.groups)) if isinstance(layer, nn.Conv2d) else \
+            (lambda a, ww: torch.nn.functional.linear(a, ww, layer.bias))
+        warm = int(0.2 * iters)
+        for it in range(iters):
+            idx = torch.randint(0, len(x_fp), (min(batch, len(x_fp)),), generator=gen)
+            with torch.no_grad():
+                target = fwd(x_fp[idx], w)
+                xin = x_q[idx] if input_quantizer is None else input_quantizer(x_q[idx])
+            wq = scale * torch.clamp(base + _h(v), -qmax, qmax)
+            loss = (fwd(xin, wq) - target).pow(2).flatten(1).sum(1).mean()
+            if it >= warm:
+                beta = 20 - (20 - 2) * (it - warm) / max(iters - warm, 1)
+                loss = loss + reg * (1 - (2 * _h(v) - 1).abs().pow(beta)).sum()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        return (scale * torch.clamp(base + (_h(v) >= 0.5).to(w.dtype), -qmax, qmax)).detach()
 
 
 def _calibration_tensor(calib) -> torch.Tensor:
