@@ -188,3 +188,31 @@ def test_ptq_adaround_recovers_2_bit_weights():
     rtn = quant.ptq(model, x[:256], w_bits=2, a_bits=8)
     ada = quant.ptq(model, x[:256], w_bits=2, a_bits=8, method="adaround", adaround={"iters": 150})
     assert acc(ada) > acc(rtn)
+
+
+def test_border_function_moves_rounding_by_at_most_one_level():
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 5, 5) * 2
+    bq = quant.BorderQuantizer(2, -3.0, 3.0, channels=3, channel_dim=1)
+    rtn = quant.FixedUniform(2, -3.0, 3.0)
+    assert torch.equal(bq(x), rtn(x))  # border 0.5 at the start: plain rounding
+    with torch.no_grad():
+        bq.a.copy_(torch.tensor([0.8, -0.8, 0.0]))
+        bq.b.copy_(torch.tensor([0.0, 0.5, -1.0]))
+    scale = 6.0 / 3
+    levels_b = (bq(x) + 3.0) / scale
+    levels_r = (rtn(x) + 3.0) / scale
+    assert torch.allclose(levels_b, levels_b.round(), atol=1e-5)  # on the grid
+    assert (levels_b.round() - levels_r.round()).abs().max() <= 1
+    assert not torch.equal(bq(x), rtn(x))
+    bq.soft = True  # the relaxation used while learning is differentiable in the border parameters
+    bq(x).sum().backward()
+    assert bq.a.grad is not None and bq.a.grad.abs().sum() > 0
+
+
+def test_ptq_aquant_learns_borders():
+    model, (x, _) = _trained_resnet()
+    q = quant.ptq(model, x[:128], w_bits=4, a_bits=2, method="aquant", adaround={"iters": 60})
+    borders = [m.input_quantizer for _, m in quant.quant_layers(q)]
+    assert all(isinstance(b, quant.BorderQuantizer) and not b.soft for b in borders)
+    assert any(float(b.a.abs().sum() + b.b.abs().sum()) > 0 for b in borders)

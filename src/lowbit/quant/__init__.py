@@ -9,7 +9,7 @@ from lowbit.quant import functions
 from lowbit.quant.export import export, storage_bytes
 from lowbit.quant.layers import QuantConv2d, QuantLinear, penalty, quant_layers, set_progress
 from lowbit.quant.mixed import allocate_bits, fold_batchnorm, hutchinson_trace, rtn_weight, sensitivity, weight_counts
-from lowbit.quant.ptq import FixedUniform, ptq
+from lowbit.quant.ptq import BorderQuantizer, FixedUniform, ptq
 from lowbit.quant.quantizers import (
     LSQ,
     BinaryActivation,
@@ -33,5 +33,5 @@ __all__ = [
     "TernaryWeight", "UniformActivation", "UniformWeight", "RECIPES", "Recipe", "get_recipe", "quantize",
     "register_recipe", "ModelSize", "model_size", "summary", "distillation_loss", "train_quantized", "export",
     "storage_bytes", "allocate_bits", "fold_batchnorm", "hutchinson_trace", "rtn_weight", "sensitivity", "weight_counts",
-    "ptq", "FixedUniform",
+    "ptq", "FixedUniform", "BorderQuantizer",
 ]

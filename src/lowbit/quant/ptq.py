@@ -43,6 +43,46 @@ class FixedUniform(Quantizer):
         return f"bits={self.bits}, range=[{float(self.lo):.4g}, {float(self.hi):.4g}]"
 
 
+class BorderQuantizer(FixedUniform):
+    """AQuant-style activation rounding: the border between rounding down and up is a learned,
+    cheap element-wise function of the input instead of the fixed 0.5:
+
+        v = (clamp(x, lo, hi) - lo) / scale,   q = floor(v) + 1[frac(v) >= border(x)],
+        border_c(x) = clamp(0.5 + a_c u + b_c u^2, 0.01, 0.99),   u = (x - lo) / (hi - lo) - 0.5,
+
+    with a, b per channel (``channel_dim`` 1 for conv inputs, -1 for linear ones), zero at the start
+    (plain rounding). Values stay on the grid and move by at most one level against rounding to
+    nearest. While ``soft`` is set (learning), the step is a sigmoid of (frac - border) / tau."""
+
+    def __init__(self, bits: int, lo: float = 0.0, hi: float = 1.0, channels: int = 1, channel_dim: int = 1):
+        super().__init__(bits, lo, hi)
+        self.a = nn.Parameter(torch.zeros(channels))
+        self.b = nn.Parameter(torch.zeros(channels))
+        self.channel_dim = channel_dim
+        self.soft, self.tau = False, 0.1
+
+    def border(self, x: torch.Tensor) -> torch.Tensor:
+        shape = [1] * x.dim()
+        shape[self.channel_dim] = -1
+        u = (torch.clamp(x, self.lo, self.hi) - self.lo) / (self.hi - self.lo).clamp_min(1e-12) - 0.5
+        return torch.clamp(0.5 + self.a.reshape(shape) * u + self.b.reshape(shape) * u * u, 0.01, 0.99)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n = 2**self.bits - 1
+        scale = (self.hi - self.lo).clamp_min(1e-12) / n
+        v = (torch.clamp(x, self.lo, self.hi) - self.lo) / scale
+        low = torch.floor(v).detach()
+        frac = v - low
+        if self.soft:
+            step = torch.sigmoid((frac - self.border(x)) / self.tau)
+        else:
+            step = (frac >= self.border(x)).to(x.dtype)
+        return torch.clamp(low + step, 0, n) * scale + self.lo
+
+    def num_scales(self, weight: torch.Tensor) -> int:
+        return 2 + 2 * self.a.numel()
+
+
 def _range(x: torch.Tensor, bits: int, how: str, percentile: float) -> tuple[float, float]:
     lo, hi = float(x.min()), float(x.max())
     if how == "minmax":
@@ -75,11 +115,12 @@ def ptq(model: nn.Module, calib: torch.Tensor, w_bits: int | dict[str, int] = 4,
     (layers missing from the mapping stay float). a_bits: width of every quantized layer's input
     (None: float inputs). calibration: "minmax", "percentile" (``percentile`` and its mirror) or
     "mse" (the clip ratio with the least squared error). First and last layers stay float
-    (``keep_first_last``). method: "rtn" (round to nearest) or "adaround" (learned up/down
+    (``keep_first_last``). method: "rtn" (round to nearest), "adaround" (learned up/down
     rounding per weight by layer-output reconstruction on the calibration set, options in
-    ``adaround``: iters, lr, reg, batch)."""
-    if method not in ("rtn", "adaround"):
-        raise ValueError(f"unknown ptq method {method!r}: lowbit has 'rtn' and 'adaround'")
+    ``adaround``: iters, lr, reg, batch) or "aquant" (AdaRound weights learned jointly with a
+    border function for the rounding of each layer's input activations, BorderQuantizer)."""
+    if method not in ("rtn", "adaround", "aquant"):
+        raise ValueError(f"unknown ptq method {method!r}: lowbit has 'rtn', 'adaround' and 'aquant'")
     if calibration not in CALIBRATIONS:
         raise ValueError(f"unknown calibration {calibration!r}: choose one of {CALIBRATIONS}")
     inputs = _calibration_tensor(calib)
@@ -99,15 +140,19 @@ def ptq(model: nn.Module, calib: torch.Tensor, w_bits: int | dict[str, int] = 4,
         qmodel(inputs[i : i + batch_size])
     for h in hooks:
         h.remove()
-    reference = fold_batchnorm(model) if method == "adaround" else None
+    reference = fold_batchnorm(model) if method != "rtn" else None
     for name, layer in layers:
         iq = None
         if a_bits is not None:
             lo, hi = _range(torch.cat([t.flatten() for t in seen[name]]), a_bits, calibration, percentile)
-            iq = FixedUniform(a_bits, lo, hi)
+            if method == "aquant":
+                conv = isinstance(layer, nn.Conv2d)
+                iq = BorderQuantizer(a_bits, lo, hi, layer.in_channels if conv else layer.in_features, 1 if conv else -1)
+            else:
+                iq = FixedUniform(a_bits, lo, hi)
         cls = QuantConv2d if isinstance(layer, nn.Conv2d) else QuantLinear
         q = cls.from_float(layer, input_quantizer=iq)
-        if method == "adaround":  # layers in order: each sees the inputs of the already quantized ones
+        if method != "rtn":  # layers in order: each sees the inputs of the already quantized ones
             x_fp = _layer_input(reference, name, inputs, batch_size)
             x_q = _layer_input(qmodel, name, inputs, batch_size)
             q.weight.copy_(adaround_weight(layer, x_fp, x_q, widths[name], iq, **(adaround or {})))
@@ -153,7 +198,9 @@ def adaround_weight(layer: nn.Module, x_fp: torch.Tensor, x_q: torch.Tensor, bit
         base = torch.floor(w / scale)
         frac = (w / scale - base).clamp(0.01, 0.99)
         v = torch.nn.Parameter(-torch.log((_ZETA - _GAMMA) / (frac - _GAMMA) - 1))  # h(v) = frac at the start
-        opt = torch.optim.Adam([v], lr=lr)
+        border = isinstance(input_quantizer, BorderQuantizer)
+        params = [v] + ([input_quantizer.a, input_quantizer.b] if border else [])
+        opt = torch.optim.Adam(params, lr=lr)
         gen = torch.Generator().manual_seed(seed)
         fwd = (lambda a, ww: torch.nn.functional.conv2d(a, ww, layer.bias, layer.stride, layer.padding, layer.dilation,
                                                           layer.groups)) if isinstance(layer, nn.Conv2d) else \
@@ -163,7 +210,12 @@ def adaround_weight(layer: nn.Module, x_fp: torch.Tensor, x_q: torch.Tensor, bit
             idx = torch.randint(0, len(x_fp), (min(batch, len(x_fp)),), generator=gen)
             with torch.no_grad():
                 target = fwd(x_fp[idx], w)
-                xin = x_q[idx] if input_quantizer is None else input_quantizer(x_q[idx])
+            if border:  # the activation border learns with the weights' rounding (soft, then hard)
+                input_quantizer.soft, input_quantizer.tau = True, 0.2 * (0.05 ** (it / max(iters - 1, 1)))
+                xin = input_quantizer(x_q[idx])
+            else:
+                with torch.no_grad():
+                    xin = x_q[idx] if input_quantizer is None else input_quantizer(x_q[idx])
             wq = scale * torch.clamp(base + _h(v), -qmax, qmax)
             loss = (fwd(xin, wq) - target).pow(2).flatten(1).sum(1).mean()
             if it >= warm:
@@ -172,6 +224,10 @@ def adaround_weight(layer: nn.Module, x_fp: torch.Tensor, x_q: torch.Tensor, bit
             opt.zero_grad()
             loss.backward()
             opt.step()
+        if border:
+            input_quantizer.soft = False
+            input_quantizer.a.requires_grad_(False)
+            input_quantizer.b.requires_grad_(False)
         return (scale * torch.clamp(base + (_h(v) >= 0.5).to(w.dtype), -qmax, qmax)).detach()
 
 
