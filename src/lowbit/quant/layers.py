@@ -32,7 +32,7 @@ class QuantMixin:
         if k is not None:
             y = y * k
         if self.bias is not None:  # added after XNOR's scaling: the bias is not part of the binary product
-            y = y + (self.bias if y.dim() == 2 or isinstance(self, nn.Linear) else self.bias.reshape(-1, *([1] * (y.dim() - 2))))
+            y = y + (self.bias if isinstance(self, nn.Linear) else self.bias.reshape(-1, 1, 1))
         return y if self.grad_quantizer is None else self.grad_quantizer(y)
 
     def set_progress(self, fraction: float) -> None:
