@@ -176,6 +176,7 @@ def _layer_input(model: nn.Module, name: str, inputs: torch.Tensor, batch_size: 
     return torch.cat(got)
 
 
+BORDER_LR_RATIO = 0.1
 _ZETA, _GAMMA = 1.1, -0.1  # AdaRound's stretch of the sigmoid, so h reaches exactly 0 and 1
 
 
@@ -199,8 +200,10 @@ def adaround_weight(layer: nn.Module, x_fp: torch.Tensor, x_q: torch.Tensor, bit
         frac = (w / scale - base).clamp(0.01, 0.99)
         v = torch.nn.Parameter(-torch.log((_ZETA - _GAMMA) / (frac - _GAMMA) - 1))  # h(v) = frac at the start
         border = isinstance(input_quantizer, BorderQuantizer)
-        params = [v] + ([input_quantizer.a, input_quantizer.b] if border else [])
-        opt = torch.optim.Adam(params, lr=lr)
+        groups = [{"params": [v], "lr": lr}]
+        if border:  # the border moves rounding decisions of every input: a gentler step than the weights'
+            groups.append({"params": [input_quantizer.a, input_quantizer.b], "lr": lr * BORDER_LR_RATIO})
+        opt = torch.optim.Adam(groups)
         gen = torch.Generator().manual_seed(seed)
         fwd = (lambda a, ww: torch.nn.functional.conv2d(a, ww, layer.bias, layer.stride, layer.padding, layer.dilation,
                                                           layer.groups)) if isinstance(layer, nn.Conv2d) else \
