@@ -20,12 +20,11 @@ from lowbit.act import ActivationCompressor
 from lowbit.bench.common import (
     METHODS,
     fortunes_corpus,
-    have_matplotlib,
     image_data,
     markdown_table,
     method_label,
     reference_model,
-    write_json,
+    save_results,
 )
 from lowbit.bench.memory import measure_held_memory
 from lowbit.train import train_classifier, train_lm
@@ -123,13 +122,7 @@ def run(models=("resnet", "vit", "gpt"), methods=METHODS, quick: bool = False, o
             results["rows"].append(row)
             log(f"{desc}: {r.metric_name}={r.metric:.4g} (delta {row['metric_delta']:+.3g}), step x{row['time_ratio']:.2f}, "
                 f"memory x{row.get('memory_ratio', float('nan')):.1f}, grad cos {row['grad_cosine']:.4f}")
-    out = Path(out)
-    write_json(results, out / "act.json")
-    table = table_markdown(results)
-    (out / "act.md").write_text(table + "\n")
-    if have_matplotlib():
-        plot(results, out / "act.png")
-    log(table)
+    save_results(results, out, "act", table_markdown, plot, log)
     return results
 
 

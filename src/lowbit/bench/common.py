@@ -34,6 +34,19 @@ def have_matplotlib() -> bool:
         return False
 
 
+def save_results(results: dict, out: str | Path, name: str, table, plot, log=print) -> str:
+    """Write ``out/name.json``, the markdown table ``table(results)`` as ``out/name.md`` and, when
+    matplotlib is installed, ``plot(results, out/name.png)``; log the table and return it."""
+    out = Path(out)
+    write_json(results, out / f"{name}.json")
+    text = table(results)
+    (out / f"{name}.md").write_text(text + "\n")
+    if have_matplotlib():
+        plot(results, out / f"{name}.png")
+    log(text)
+    return text
+
+
 def image_data(name: str = "fashion-mnist", limit: int | None = None, test_limit: int | None = None, notice=print):
     """(train, test, name actually used): Fashion-MNIST, or digits with a notice when it is missing."""
     try:

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from lowbit.bench.common import have_matplotlib, markdown_table, write_json
+from lowbit.bench.common import markdown_table, save_results
 from lowbit.data import load_tabular
 from lowbit.explain import metrics, shapley
 from lowbit.models import MLP
@@ -142,13 +142,7 @@ def run(budgets=BUDGETS, methods=METHODS, seeds=(0, 1, 2), instances: int | None
                "players": tab.players, "faithfulness_exact": metrics.faithfulness(f, xs, reference, exact, groups=groups),
                "rows": rows}
     results["claims"] = claims(rows)
-    out = Path(out)
-    write_json(results, out / "explain.json")
-    text = table_markdown(results)
-    (out / "explain.md").write_text(text + "\n")
-    if have_matplotlib():
-        plot(results, out / "explain.png")
-    log(text)
+    save_results(results, out, "explain", table_markdown, plot, log)
     return results
 
 

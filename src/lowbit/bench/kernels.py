@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from lowbit import quant
-from lowbit.bench.common import have_matplotlib, markdown_table, write_json
+from lowbit.bench.common import markdown_table, save_results
 from lowbit.kernels.binary import binary_matmul, pack_signs
 from lowbit.models import ResNet
 from lowbit.quant.export import PackedBinaryLayer
@@ -104,13 +104,7 @@ def run(sizes=SIZES, quick: bool = False, out: str | Path = "results/kernels", l
     max_diff = _layerwise_difference(qmodel, packed, torch.randn(4, 1, 28, 28))
     results = {"quick": quick, "threads": torch.get_num_threads(), "rows": rows, "model_size": sizes_row,
                "export_max_abs_diff_vs_fake_quant": max_diff}
-    out = Path(out)
-    write_json(results, out / "kernels.json")
-    text = table_markdown(results)
-    (out / "kernels.md").write_text(text + "\n")
-    if have_matplotlib():
-        plot(results, out / "kernels.png")
-    log(text)
+    save_results(results, out, "kernels", table_markdown, plot, log)
     return results
 
 

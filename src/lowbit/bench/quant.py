@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from lowbit import quant
-from lowbit.bench.common import have_matplotlib, image_data, markdown_table, reference_model, write_json
+from lowbit.bench.common import image_data, markdown_table, reference_model, save_results
 
 # (label, recipe or "float", overrides)
 ROWS: list[tuple[str, str, dict]] = [
@@ -92,13 +92,7 @@ def run(rows: list[tuple[str, str, dict]] | None = None, quick: bool = False, ou
     results["claims"] = [{"better": a, "worse": b, "source": src, "margin": by[a]["accuracy"] - by[b]["accuracy"],
                           "holds": by[a]["accuracy"] > by[b]["accuracy"]}
                          for a, b, src in CLAIMS if a in by and b in by]
-    out = Path(out)
-    write_json(results, out / "quant.json")
-    text = table_markdown(results)
-    (out / "quant.md").write_text(text + "\n")
-    if have_matplotlib():
-        plot(results, out / "quant.png")
-    log(text)
+    save_results(results, out, "quant", table_markdown, plot, log)
     return results
 
 
