@@ -79,27 +79,37 @@ def train_classifier(
 ) -> TrainResult:
     """Train on (images [N, C, H, W], labels [N]); returns test accuracy and per-step records."""
     x, y = train
-    steps_per_epoch = (len(x) + batch_size - 1) // batch_size
-    total = epochs * steps_per_epoch if max_steps is None else min(max_steps, epochs * steps_per_epoch)
+    total = total_steps(len(x), epochs, batch_size, max_steps)
     opt, sched = _optimizer(model, lr, total)
-    gen = torch.Generator().manual_seed(seed)
     result = TrainResult("accuracy", float("nan"))
     model.train()
-    bar = tqdm(total=total, desc=desc, disable=not progress, leave=False)
-    step = 0
-    for _ in range(epochs):
-        order = torch.randperm(len(x), generator=gen)
-        for i in range(0, len(x), batch_size):
-            if step >= total:
-                break
-            idx = order[i : i + batch_size]
+    with tqdm(total=total, desc=desc, disable=not progress, leave=False) as bar:
+        for idx in epoch_batches(len(x), epochs, batch_size, seed, total):
             _train_step(model, act, opt, sched, F.cross_entropy, x[idx], y[idx], result)
-            step += 1
             bar.update(1)
             bar.set_postfix(loss=f"{result.train_losses[-1]:.3f}")
-    bar.close()
     result.metric = evaluate_classifier(model, *test)
     return result
+
+
+def total_steps(n: int, epochs: int, batch_size: int, max_steps: int | None = None) -> int:
+    """Optimizer steps of ``epochs`` passes over ``n`` samples (capped at ``max_steps``)."""
+    total = epochs * ((n + batch_size - 1) // batch_size)
+    return total if max_steps is None else min(max_steps, total)
+
+
+def epoch_batches(n: int, epochs: int, batch_size: int, seed: int, total: int):
+    """Index tensors of the training batches: a seeded reshuffle per epoch, at most ``total``
+    batches. The same seed gives the same data order for every method."""
+    gen = torch.Generator().manual_seed(seed)
+    step = 0
+    for _ in range(epochs):
+        order = torch.randperm(n, generator=gen)
+        for i in range(0, n, batch_size):
+            if step >= total:
+                return
+            yield order[i : i + batch_size]
+            step += 1
 
 
 def _lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lowbit.quant.layers import penalty, quant_layers, set_progress
-from lowbit.train import TrainResult, _optimizer, evaluate_classifier
+from lowbit.train import TrainResult, _optimizer, epoch_batches, evaluate_classifier, total_steps
 
 
 @contextmanager
@@ -54,10 +54,8 @@ def train_quantized(
     test accuracy in percent. ``distill`` defaults to the recipe's weight (DIR-Net: 1.0) and is
     used only when a ``teacher`` is given; the teacher is frozen and kept in eval mode."""
     x, y = train
-    steps_per_epoch = (len(x) + batch_size - 1) // batch_size
-    total = epochs * steps_per_epoch
+    total = total_steps(len(x), epochs, batch_size)
     opt, sched = _optimizer(model, lr, total)
-    gen = torch.Generator().manual_seed(seed)
     if distill is None:
         distill = float(getattr(model, "lowbit_recipe", {}).get("distill", 0.0))
     names = [n for n, _ in quant_layers(model)] if (teacher is not None and distill > 0) else []
@@ -65,12 +63,8 @@ def train_quantized(
         teacher.eval().requires_grad_(False)
     result = TrainResult("accuracy", float("nan"))
     model.train()
-    bar = tqdm(total=total, desc=desc, disable=not progress, leave=False)
-    step = 0
-    for _ in range(epochs):
-        order = torch.randperm(len(x), generator=gen)
-        for i in range(0, len(x), batch_size):
-            idx = order[i : i + batch_size]
+    with tqdm(total=total, desc=desc, disable=not progress, leave=False) as bar:
+        for step, idx in enumerate(epoch_batches(len(x), epochs, batch_size, seed, total)):
             xb, yb = x[idx], y[idx]
             t0 = time.perf_counter()
             set_progress(model, step / max(total - 1, 1))
@@ -89,10 +83,8 @@ def train_quantized(
             sched.step()
             result.step_times.append(time.perf_counter() - t0)
             result.train_losses.append(float(loss.detach()))
-            step += 1
             bar.update(1)
             bar.set_postfix(loss=f"{result.train_losses[-1]:.3f}")
-    bar.close()
     set_progress(model, 1.0)
     result.metric = evaluate_classifier(model, *test)
     return result
