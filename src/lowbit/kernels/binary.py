@@ -195,15 +195,11 @@ def binary_matmul(a: torch.Tensor, b: torch.Tensor, k: int, valid: torch.Tensor 
         raise ValueError(f"valid must have a's shape {list(a.shape)}, got {list(valid.shape)}")
     if a.device.type != "cpu":
         return binary_matmul_torch(a, b, k, valid)
-    if valid is None and k < 1 << 16 and min(a.shape[0], b.shape[0]) >= 4 and a.shape[1] >= 8 and popcount_gemm.available():
-        return popcount_gemm.popcount_gemm(a, b, k)
+    if valid is None:
+        return xor_popcount_product(a, b, k)
     out = torch.empty(a.shape[0], b.shape[0], dtype=torch.int32)
     if out.numel():
-        an, bn = a.contiguous().numpy(), b.contiguous().numpy()
-        if valid is None:
-            _pick(_BINARY_MM_NB, out.numel() * a.shape[1])(an, bn, k, out.numpy())
-        else:
-            _binary_mm_masked_nb(an, valid.contiguous().numpy(), bn, out.numpy())
+        _binary_mm_masked_nb(a.contiguous().numpy(), valid.contiguous().numpy(), b.contiguous().numpy(), out.numpy())
     return out
 
 

@@ -44,14 +44,18 @@ FUSED_MAX_PIXELS = 4096  # input pixels (N * H * W) up to which a binary conv ru
 FUSED_MAX_WORDS = 8  # ... and at any size when a gathered row has fewer 64-bit words than this
 
 
+def _out_size(h: int, w: int, kernel_size, stride, padding, dilation) -> tuple[int, int]:
+    """A conv's output height and width for an h x w input."""
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel_size, stride, padding, dilation
+    return (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+
+
 def _im2col(x: torch.Tensor, conv_args: dict) -> tuple[torch.Tensor, int, int]:
     """[N, C, H, W] -> rows [N * L, C * kh * kw] (zero padded), with the output height and width."""
     n, _, h, w = x.shape
-    kh, kw = conv_args["kernel_size"]
-    (ph, pw), (sh, sw), (dh, dw) = conv_args["padding"], conv_args["stride"], conv_args["dilation"]
-    ho = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
-    wo = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
-    cols = F.unfold(x, (kh, kw), dilation=(dh, dw), padding=(ph, pw), stride=(sh, sw))  # [N, K, L]
+    ho, wo = _out_size(h, w, conv_args["kernel_size"], conv_args["stride"], conv_args["padding"], conv_args["dilation"])
+    cols = F.unfold(x, conv_args["kernel_size"], dilation=conv_args["dilation"], padding=conv_args["padding"],
+                    stride=conv_args["stride"])  # [N, K, L]
     return cols.transpose(1, 2).reshape(n * ho * wo, -1), ho, wo
 
 
@@ -142,8 +146,7 @@ class PackedBinaryLayer(_PackedBase):
         (kh, kw), (ph, pw), (sh, sw), (dh, dw) = self.kernel_size, self.padding, self.stride, self.dilation
         pix = pack_signs(x.permute(0, 2, 3, 1).reshape(n * h * w, c))  # [N*H*W, Wc]
         wc = pix.shape[1]
-        ho = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
-        wo = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+        ho, wo = _out_size(h, w, self.kernel_size, self.stride, self.padding, self.dilation)
         if self._tight() and pix.device.type == "cpu":
             rows = gather_conv_taps(pix.reshape(n, h, w, wc), c, self.kernel_size, self.stride, self.padding,
                                     self.dilation, ho, wo)
@@ -159,8 +162,7 @@ class PackedBinaryLayer(_PackedBase):
         key = ("fused", c, h, w, stride)
         if key not in self._cache:
             (kh, kw), (ph, pw), (sh, sw), (dh, dw) = self.kernel_size, self.padding, stride, self.dilation
-            ho = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
-            wo = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+            ho, wo = _out_size(h, w, self.kernel_size, stride, self.padding, self.dilation)
             geom = np.array([c, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo, self.k, int(self.xnor_scale)], dtype=np.int64)
             corr = self._padding_correction(c, h, w)
             corr = np.zeros((0, self.out_features), np.int32) if corr is None else corr.contiguous().numpy()
