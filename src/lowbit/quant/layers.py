@@ -15,10 +15,20 @@ class QuantMixin:
     input_quantizer: Quantizer | None
     grad_quantizer: GradientQuantizer | None
 
-    def _init_quant(self, weight_quantizer, input_quantizer, grad_bits):
+    def __init__(self, *args, weight_quantizer: Quantizer | None = None, input_quantizer: Quantizer | None = None,
+                 grad_bits: int | None = None, **kwargs):
+        super().__init__(*args, **kwargs)  # nn.Conv2d / nn.Linear
         self.weight_quantizer = weight_quantizer
         self.input_quantizer = input_quantizer
         self.grad_quantizer = GradientQuantizer(grad_bits) if grad_bits else None
+
+    def _copy_params_from(self, layer: nn.Module):
+        """Take the float layer's weight and bias; returns self."""
+        with torch.no_grad():
+            self.weight.copy_(layer.weight)
+            if layer.bias is not None:
+                self.bias.copy_(layer.bias)
+        return self
 
     def quantized_weight(self) -> torch.Tensor:
         """The weight the forward uses (same shape as ``weight``)."""
@@ -47,22 +57,13 @@ class QuantMixin:
 class QuantConv2d(QuantMixin, nn.Conv2d):
     """nn.Conv2d whose forward is conv(input_quantizer(x), quantized_weight()); x: [N, C, H, W]."""
 
-    def __init__(self, *args, weight_quantizer: Quantizer | None = None, input_quantizer: Quantizer | None = None,
-                 grad_bits: int | None = None, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._init_quant(weight_quantizer, input_quantizer, grad_bits)
-
     @classmethod
     def from_float(cls, conv: nn.Conv2d, **quant) -> "QuantConv2d":
         if conv.padding_mode != "zeros":
             raise ValueError(f"QuantConv2d supports padding_mode='zeros' only, got {conv.padding_mode!r}")
         q = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
                 conv.groups, conv.bias is not None, device=conv.weight.device, dtype=conv.weight.dtype, **quant)
-        with torch.no_grad():
-            q.weight.copy_(conv.weight)
-            if conv.bias is not None:
-                q.bias.copy_(conv.bias)
-        return q
+        return q._copy_params_from(conv)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._apply_quant(x, lambda a, w: F.conv2d(a, w, None, self.stride, self.padding, self.dilation, self.groups))
@@ -71,19 +72,10 @@ class QuantConv2d(QuantMixin, nn.Conv2d):
 class QuantLinear(QuantMixin, nn.Linear):
     """nn.Linear whose forward is linear(input_quantizer(x), quantized_weight()); x: [..., F]."""
 
-    def __init__(self, *args, weight_quantizer: Quantizer | None = None, input_quantizer: Quantizer | None = None,
-                 grad_bits: int | None = None, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._init_quant(weight_quantizer, input_quantizer, grad_bits)
-
     @classmethod
     def from_float(cls, lin: nn.Linear, **quant) -> "QuantLinear":
         q = cls(lin.in_features, lin.out_features, lin.bias is not None, device=lin.weight.device, dtype=lin.weight.dtype, **quant)
-        with torch.no_grad():
-            q.weight.copy_(lin.weight)
-            if lin.bias is not None:
-                q.bias.copy_(lin.bias)
-        return q
+        return q._copy_params_from(lin)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._apply_quant(x, lambda a, w: F.linear(a, w))

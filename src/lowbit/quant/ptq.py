@@ -24,9 +24,7 @@ class FixedUniform(Quantizer):
 
     def __init__(self, bits: int, lo: float = 0.0, hi: float = 1.0):
         super().__init__()
-        if not 2 <= bits <= 16:
-            raise ValueError(f"activation bits must be in 2..16, got {bits}")
-        self.bits, self.storage_bits = bits, float(bits)
+        self._set_bits(bits, 2, "activation")
         self.register_buffer("lo", torch.tensor(float(lo)))
         self.register_buffer("hi", torch.tensor(float(hi)))
 

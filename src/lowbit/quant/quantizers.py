@@ -51,6 +51,12 @@ class Quantizer(nn.Module):
         """How many float32 scales the packed weight needs."""
         return 0
 
+    def _set_bits(self, bits: int, lowest: int, what: str) -> None:
+        """Check a width is in lowest..16 (naming ``what`` in the error) and store it."""
+        if not lowest <= bits <= 16:
+            raise ValueError(f"{what} bits must be in {lowest}..16, got {bits}")
+        self.bits, self.storage_bits = bits, float(bits)
+
     def extra_repr(self) -> str:
         return f"bits={self.storage_bits:g}"
 
@@ -185,10 +191,7 @@ class UniformWeight(Quantizer):
 
     def __init__(self, bits: int = 2):
         super().__init__()
-        if not 1 <= bits <= 16:
-            raise ValueError(f"UniformWeight bits must be in 1..16, got {bits}")
-        self.storage_bits = float(bits)
-        self.bits = bits
+        self._set_bits(bits, 1, "UniformWeight")
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         if self.bits == 1:
@@ -208,10 +211,7 @@ class UniformActivation(Quantizer):
 
     def __init__(self, bits: int = 2):
         super().__init__()
-        if not 1 <= bits <= 16:
-            raise ValueError(f"UniformActivation bits must be in 1..16, got {bits}")
-        self.storage_bits = float(bits)
-        self.bits = bits
+        self._set_bits(bits, 1, "UniformActivation")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n = 2**self.bits - 1
@@ -227,9 +227,8 @@ class LSQ(Quantizer):
 
     def __init__(self, bits: int = 8, signed: bool | None = True, per_channel: bool = False, channels: int = 1):
         super().__init__()
-        if not 2 <= bits <= 16:
-            raise ValueError(f"LSQ bits must be in 2..16, got {bits}")
-        self.bits, self.per_channel, self.storage_bits = bits, per_channel, float(bits)
+        self._set_bits(bits, 2, "LSQ")
+        self.per_channel = per_channel
         self.step = nn.Parameter(torch.ones(channels if per_channel else 1))
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
         self.register_buffer("signed", torch.tensor(-1 if signed is None else int(signed)))
@@ -410,10 +409,7 @@ class GradientQuantizer(Quantizer):
 
     def __init__(self, bits: int = 6):
         super().__init__()
-        if not 1 <= bits <= 16:
-            raise ValueError(f"gradient bits must be in 1..16, got {bits}")
-        self.bits = bits
-        self.storage_bits = float(bits)
+        self._set_bits(bits, 1, "gradient")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return GradQuant.apply(x, self.bits) if torch.is_grad_enabled() and x.requires_grad else x
