@@ -220,13 +220,22 @@ class PackedSparseBinaryLayer(_PackedBase):
         self.register_buffer("alpha", torch.where(torch.isfinite(hi), hi, 0.0).float())
         self.register_buffer("beta", torch.where(torch.isfinite(lo), lo, 0.0).float())
         self.register_buffer("zeros", torch.zeros_like(self.mask), persistent=False)
+        self._taps_present: dict = {}
+
+    def _present(self, x: torch.Tensor) -> torch.Tensor:
+        """[L, K] 1 where a tap reads the image, 0 where it reads the zero padding (once per size)."""
+        key = (tuple(x.shape[1:]), x.dtype, x.device)
+        if key not in self._taps_present:
+            self._taps_present[key] = _im2col(torch.ones(1, *x.shape[1:], dtype=x.dtype, device=x.device),
+                                              self._conv_args())[0]
+        return self._taps_present[key]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.is_conv:
-            n, _, h, w = x.shape
+            n = x.shape[0]
             rows, ho, wo = _im2col(x, self._conv_args())
-            ones, _, _ = _im2col(torch.ones(1, x.shape[1], h, w, dtype=x.dtype, device=x.device), self._conv_args())
-            valid = pack_mask(ones.repeat(n, 1) > 0)
+            present = self._present(x).repeat(n, 1)
+            valid = pack_mask(present > 0)
         else:
             lead = x.shape[:-1]
             rows = x.reshape(-1, x.shape[-1])
@@ -235,7 +244,7 @@ class PackedSparseBinaryLayer(_PackedBase):
         mx = ternary_matmul(signs, self.mask, self.zeros, self.k, valid)  # [N*L, O]
         sx = torch.where(rows >= 0, 1.0, -1.0)
         if self.is_conv:
-            sx = sx * ones.repeat(n, 1)  # padded taps are 0
+            sx = sx * present  # padded taps are 0
         y = sx.sum(1, keepdim=True) * self.beta + mx.to(x.dtype) * (self.alpha - self.beta)
         y = self._finish(y, n, ho, wo)
         return y if self.is_conv else y.reshape(*lead, -1)
