@@ -108,3 +108,31 @@ def test_ptq_command(capsys):
                  "--calib", "64", "--method", "rtn"]) == 0
     out = capsys.readouterr().out
     assert "| rtn | 4 | 8 |" in out and "float32" in out
+
+
+def test_ptq_benchmark_writes_json_table_and_plot(tmp_path):
+    from lowbit.bench import ptq as ptq_bench
+
+    res = ptq_bench.run(models=("resnet",), quick=True, out=tmp_path, configs=[(8, 8), (2, 2)], budgets=(3.0,),
+                        progress=False, log=lambda *a: None)
+    data = json.loads((tmp_path / "ptq.json").read_text())["models"]["resnet"]
+    assert {(r["w_bits"], r["a_bits"], r["method"]) for r in data["rows"]} == \
+        {(w, a, m) for w, a in ((8, 8), (2, 2)) for m in ("rtn", "adaround", "aquant")}
+    kinds = {(r["allocation"], r["method"]) for r in data["mixed"]}
+    assert kinds == {(k, m) for k in ("mixed", "random", "uniform") for m in ("rtn", "adaround")}
+    assert all(r["average_bits"] <= 3.0 + 1e-9 for r in data["mixed"])
+    mixed = [r for r in data["mixed"] if r["allocation"] == "mixed"][0]
+    uniform = [r for r in data["mixed"] if r["allocation"] == "uniform"][0]
+    assert mixed["sensitivity"] <= uniform["sensitivity"] + 1e-12  # the allocation is optimal for its objective
+    assert "w8a8_ok" in res["models"]["resnet"]["checks"]
+    assert (tmp_path / "ptq.png").exists() and "| W8A8 |" in (tmp_path / "ptq.md").read_text()
+
+
+def test_random_allocation_stays_within_budget():
+    from lowbit.bench.ptq import random_allocation
+
+    sizes = {"a": 100, "b": 1000, "c": 50, "d": 400}
+    for seed in range(20):
+        plan = random_allocation(sizes, (2, 3, 4, 8), 3.0, seed=seed)
+        used = sum(sizes[n] * b for n, b in plan.items()) / sum(sizes.values())
+        assert used <= 3.0 and set(plan.values()) <= {2, 3, 4, 8}

@@ -6,7 +6,8 @@ from torch import nn
 
 from lowbit import quant
 from lowbit.data import load_images
-from lowbit.models import MLP, ResNet
+from lowbit.models import MLP, ResNet, ViT
+from lowbit.models.resnet import BasicBlock
 
 
 def test_rtn_weight_levels_and_error():
@@ -100,6 +101,23 @@ def test_fold_batchnorm_preserves_outputs():
     x = torch.randn(4, 1, 12, 12)
     with torch.no_grad():
         assert torch.allclose(folded(x), model(x), atol=1e-5)
+    # the copy keeps the model's own classes (its blocks can be run and hooked on their own)
+    assert type(folded) is ResNet and isinstance(folded.layers[0], BasicBlock)
+    assert isinstance(folded.layers[0].bn1, nn.Identity)
+
+
+def test_find_units_groups_layers_into_blocks():
+    names = [n for n, _ in quant.mixed.weight_layers(ResNet(widths=(8, 16, 16)))]
+    units = dict(quant.find_units(ResNet(widths=(8, 16, 16)), names))
+    assert units["stem.0"] == ["stem.0"] and units["head"] == ["head"]
+    assert units["layers.1"] == ["layers.1.conv1", "layers.1.conv2", "layers.1.shortcut.0"]
+    vit = ViT(image_size=8, patch=4, dim=16, depth=2, heads=2)
+    names = [n for n, _ in quant.mixed.weight_layers(vit)]
+    units = dict(quant.find_units(vit, names))
+    assert units["blocks.0"] == ["blocks.0.attn.qkv", "blocks.0.attn.proj", "blocks.0.mlp.0", "blocks.0.mlp.2"]
+    assert [u for u, _ in quant.find_units(vit, names, "layer")] == names
+    with pytest.raises(ValueError, match="granularity"):
+        quant.find_units(vit, names, "model")
 
 
 def _trained_resnet():
@@ -175,6 +193,26 @@ def test_adaround_rounds_each_weight_up_or_down_and_beats_rtn():
             err_ada = float((nn.functional.conv2d(x, wq, layer.bias, padding=1) - ref).pow(2).mean())
             err_rtn = float((nn.functional.conv2d(x, quant.rtn_weight(w, bits), layer.bias, padding=1) - ref).pow(2).mean())
         assert err_ada < err_rtn
+
+
+def test_block_reconstruction_beats_rtn_on_a_vit_and_stays_on_the_grid():
+    torch.manual_seed(0)
+    x, y = load_images("digits", "train", 600)
+    vit = ViT(image_size=8, patch=4, dim=32, depth=2, heads=2, dropout=0.0)
+    quant.train_quantized(vit, (x, y), (x, y), epochs=4, batch_size=64, lr=3e-3, progress=False)
+    vit.eval()
+    with torch.no_grad():
+        ref = vit(x[256:])
+    err = {}
+    for method in ("rtn", "adaround"):
+        q = quant.ptq(vit, x[:256], w_bits=3, a_bits=None, method=method, adaround={"iters": 120})
+        with torch.no_grad():
+            err[method] = float((q(x[256:]) - ref).pow(2).mean())
+        layer = q.blocks[0].mlp[0]
+        assert isinstance(layer, quant.QuantLinear) and layer.weight_quantizer is None  # rounding baked in
+        scale = layer.weight.abs().amax(1, keepdim=True) / 3
+        assert torch.allclose(layer.weight / scale, (layer.weight / scale).round(), atol=1e-4)
+    assert err["adaround"] < err["rtn"]
 
 
 def test_ptq_adaround_recovers_2_bit_weights():

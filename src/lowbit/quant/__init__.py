@@ -9,11 +9,14 @@ from lowbit.quant import functions
 from lowbit.quant.export import export, storage_bytes
 from lowbit.quant.layers import QuantConv2d, QuantLinear, penalty, quant_layers, set_progress
 from lowbit.quant.mixed import allocate_bits, fold_batchnorm, hutchinson_trace, rtn_weight, sensitivity, weight_counts
-from lowbit.quant.ptq import BorderQuantizer, FixedUniform, ptq
+from lowbit.quant.ptq import ptq
+from lowbit.quant.reconstruct import AdaRoundWeight, find_units, reconstruct
 from lowbit.quant.quantizers import (
     LSQ,
     BinaryActivation,
     BinaryWeight,
+    BorderQuantizer,
+    FixedUniform,
     GradientQuantizer,
     NoiseAdaptation,
     Quantizer,
@@ -33,5 +36,5 @@ __all__ = [
     "TernaryWeight", "UniformActivation", "UniformWeight", "RECIPES", "Recipe", "get_recipe", "quantize",
     "register_recipe", "ModelSize", "model_size", "summary", "distillation_loss", "train_quantized", "export",
     "storage_bytes", "allocate_bits", "fold_batchnorm", "hutchinson_trace", "rtn_weight", "sensitivity", "weight_counts",
-    "ptq", "FixedUniform", "BorderQuantizer",
+    "ptq", "FixedUniform", "BorderQuantizer", "AdaRoundWeight", "find_units", "reconstruct",
 ]

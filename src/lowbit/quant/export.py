@@ -36,7 +36,7 @@ from lowbit.kernels.binary import (
     unpack_signs,
     xor_popcount_product,
 )
-from lowbit.quant.layers import QUANT_LAYERS
+from lowbit.quant.layers import QUANT_LAYERS, set_submodule
 from lowbit.quant.quantizers import BinaryActivation, BinaryWeight, SparseBinaryWeight, TernaryWeight
 
 
@@ -303,9 +303,7 @@ def export(qmodel: nn.Module) -> nn.Module:
     for name, layer in [(n, m) for n, m in model.named_modules() if isinstance(m, QUANT_LAYERS)]:
         if layer.grad_quantizer is not None:
             layer.grad_quantizer = None
-        packed = _packed_for(name, layer)
-        parent, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, attr, packed)
+        set_submodule(model, name, _packed_for(name, layer))
     return model.requires_grad_(False)
 
 

@@ -10,6 +10,12 @@ from torch import nn
 from lowbit.quant.quantizers import GradientQuantizer, Quantizer
 
 
+def set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
+    """Replace the submodule at dotted path ``name`` of ``root`` by ``module``."""
+    parent, _, attr = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, attr, module)
+
+
 class QuantMixin:
     weight_quantizer: Quantizer | None
     input_quantizer: Quantizer | None

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lowbit.quant.layers import set_submodule
+
 
 def weight_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """(name, module) for every nn.Conv2d / nn.Linear, in module order."""
@@ -129,8 +131,39 @@ def allocate_bits(sens: dict[str, dict[int, float]], sizes: dict[str, int], aver
 
 
 def fold_batchnorm(model: nn.Module) -> nn.Module:
-    """An eval-mode copy with every Conv2d -> BatchNorm2d pair folded into the conv (torch.fx
-    traces the model to find the pairs; the input model is not modified)."""
-    from torch.fx.experimental.optimization import fuse
+    """An eval-mode copy with every Conv2d -> BatchNorm2d pair folded into the conv and the
+    BatchNorm replaced by nn.Identity (the input model is not modified).
 
-    return fuse(copy.deepcopy(model).eval())
+    torch.fx traces the model only to find the pairs (a conv whose sole user is a BatchNorm that
+    is used once); the copy keeps the model's own classes and forward, so its blocks can still be
+    hooked and run on their own. A model fx cannot trace is returned unfolded with a warning."""
+    import warnings
+
+    from torch import fx
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    folded = copy.deepcopy(model).eval()
+    if not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules()):
+        return folded
+    try:
+        graph = fx.symbolic_trace(folded).graph
+    except Exception as err:  # data-dependent control flow and the like
+        warnings.warn(f"fold_batchnorm: the model could not be traced ({err}); BatchNorm left unfolded")
+        return folded
+    calls: dict[str, int] = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+    for node in graph.nodes:
+        if node.op != "call_module" or len(node.users) != 1 or calls[node.target] != 1:
+            continue
+        user = next(iter(node.users))
+        conv = folded.get_submodule(node.target)
+        if user.op != "call_module" or not isinstance(conv, nn.Conv2d) or calls[user.target] != 1:
+            continue
+        bn = folded.get_submodule(user.target)
+        if not isinstance(bn, nn.BatchNorm2d) or not bn.track_running_stats:
+            continue
+        set_submodule(folded, node.target, fuse_conv_bn_eval(conv, bn))
+        set_submodule(folded, user.target, nn.Identity())
+    return folded

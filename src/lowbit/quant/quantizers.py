@@ -419,3 +419,66 @@ __all__ = [
     "Quantizer", "SignQuantizer", "BinaryWeight", "BinaryActivation", "NoiseAdaptation", "UniformWeight",
     "UniformActivation", "LSQ", "TernaryWeight", "SparseBinaryWeight", "GradientQuantizer", "ESTIMATORS",
 ]
+
+
+class FixedUniform(Quantizer):
+    """Uniform quantization of x onto 2^bits levels of [lo, hi] (asymmetric; unsigned ranges keep 0
+    exact); straight-through backward inside the range. lo/hi are buffers set by calibration."""
+
+    def __init__(self, bits: int, lo: float = 0.0, hi: float = 1.0):
+        super().__init__()
+        self._set_bits(bits, 2, "activation")
+        self.register_buffer("lo", torch.tensor(float(lo)))
+        self.register_buffer("hi", torch.tensor(float(hi)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n = 2**self.bits - 1
+        scale = (self.hi - self.lo).clamp_min(1e-12) / n
+        q = round_ste((torch.clamp(x, self.lo, self.hi) - self.lo) / scale)
+        return q * scale + self.lo
+
+    def num_scales(self, weight: torch.Tensor) -> int:
+        return 2  # lo and hi
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, range=[{float(self.lo):.4g}, {float(self.hi):.4g}]"
+
+
+class BorderQuantizer(FixedUniform):
+    """AQuant-style activation rounding: the border between rounding down and up is a learned,
+    cheap element-wise function of the input instead of the fixed 0.5:
+
+        v = (clamp(x, lo, hi) - lo) / scale,   q = floor(v) + 1[frac(v) >= border(x)],
+        border_c(x) = clamp(0.5 + a_c u + b_c u^2, 0.01, 0.99),   u = (x - lo) / (hi - lo) - 0.5,
+
+    with a, b per channel (``channel_dim`` 1 for conv inputs, -1 for linear ones), zero at the start
+    (plain rounding). Values stay on the grid and move by at most one level against rounding to
+    nearest. While ``soft`` is set (learning), the step is a sigmoid of (frac - border) / tau."""
+
+    def __init__(self, bits: int, lo: float = 0.0, hi: float = 1.0, channels: int = 1, channel_dim: int = 1):
+        super().__init__(bits, lo, hi)
+        self.a = nn.Parameter(torch.zeros(channels))
+        self.b = nn.Parameter(torch.zeros(channels))
+        self.channel_dim = channel_dim
+        self.soft, self.tau = False, 0.1
+
+    def border(self, x: torch.Tensor) -> torch.Tensor:
+        shape = [1] * x.dim()
+        shape[self.channel_dim] = -1
+        u = (torch.clamp(x, self.lo, self.hi) - self.lo) / (self.hi - self.lo).clamp_min(1e-12) - 0.5
+        return torch.clamp(0.5 + self.a.reshape(shape) * u + self.b.reshape(shape) * u * u, 0.01, 0.99)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n = 2**self.bits - 1
+        scale = (self.hi - self.lo).clamp_min(1e-12) / n
+        v = (torch.clamp(x, self.lo, self.hi) - self.lo) / scale
+        low = torch.floor(v).detach()
+        frac = v - low
+        if self.soft:
+            step = torch.sigmoid((frac - self.border(x)) / self.tau)
+        else:
+            step = (frac >= self.border(x)).to(x.dtype)
+        return torch.clamp(low + step, 0, n) * scale + self.lo
+
+    def num_scales(self, weight: torch.Tensor) -> int:
+        return 2 + 2 * self.a.numel()

@@ -12,7 +12,7 @@ from typing import Callable
 
 from torch import nn
 
-from lowbit.quant.layers import QuantConv2d, QuantLinear
+from lowbit.quant.layers import QuantConv2d, QuantLinear, set_submodule
 from lowbit.quant.quantizers import (
     LSQ,
     BinaryActivation,
@@ -149,11 +149,6 @@ def get_recipe(recipe: str | Recipe) -> Recipe:
     return RECIPES[recipe]
 
 
-def _set_child(root: nn.Module, name: str, child: nn.Module) -> None:
-    parent, _, attr = name.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, attr, child)
-
-
 def _under(name: str, prefixes) -> bool:
     return any(name == p or name.startswith(p + ".") for p in prefixes)
 
@@ -190,10 +185,10 @@ def quantize(model: nn.Module, recipe: str | Recipe, **overrides) -> nn.Module:
         except ValueError as e:
             raise ValueError(f"quantize(recipe={rec.name!r}): layer {name!r}: {e}") from None
         cls = QuantConv2d if isinstance(layer, nn.Conv2d) else QuantLinear
-        _set_child(qmodel, name, cls.from_float(layer, **kwargs))
+        set_submodule(qmodel, name, cls.from_float(layer, **kwargs))
     if rec.binary_inputs:
         for name, m in list(qmodel.named_modules()):
             if type(m) in (nn.ReLU, nn.ReLU6) and name:
-                _set_child(qmodel, name, nn.Hardtanh(-1.0, 1.0))
+                set_submodule(qmodel, name, nn.Hardtanh(-1.0, 1.0))
     qmodel.lowbit_recipe = {"name": rec.name, **{k: (list(v) if isinstance(v, tuple) else v) for k, v in opts.items()}}
     return qmodel

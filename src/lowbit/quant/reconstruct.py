@@ -1,0 +1,163 @@
+"""Output reconstruction for post-training quantization (AdaRound / BRECQ style).
+
+A *unit* is a part of the model (one layer or a whole block such as a residual block or a
+transformer block) whose quantized layers learn together: each weight's rounding direction
+(``AdaRoundWeight``) and, for AQuant, each input's rounding border (``BorderQuantizer``), so that
+the quantized unit's output on the inputs coming from the already quantized part of the model
+matches the float unit's output on float inputs. Matching the quantized-model inputs to the float
+target is what accounts for the error propagated from earlier units.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lowbit.quant.quantizers import BorderQuantizer, Quantizer
+
+_ZETA, _GAMMA = 1.1, -0.1  # AdaRound's stretch of the sigmoid, so h reaches exactly 0 and 1
+BORDER_LR_RATIO = 0.1  # the border moves rounding decisions of every input: a gentler step than the weights'
+
+
+def _h(v: torch.Tensor) -> torch.Tensor:
+    return torch.clamp(torch.sigmoid(v) * (_ZETA - _GAMMA) + _GAMMA, 0, 1)
+
+
+class AdaRoundWeight(Quantizer):
+    """Learned up/down rounding of a weight on its symmetric per-output-channel grid of ``bits``:
+    w_q = s * clamp(floor(w / s) + h(v), -qmax, qmax), h a stretched sigmoid of a learned v per
+    weight, initialised so that h(v) equals the fractional part (the soft weight starts at the
+    float weight; the hard one at round-to-nearest). ``soft`` selects h(v) (learning) or the
+    step h(v) >= 0.5 (the final rounding). The weight argument of forward is ignored: the grid
+    and the floor are fixed at construction."""
+
+    def __init__(self, weight: torch.Tensor, bits: int):
+        super().__init__()
+        self._set_bits(bits, 2, "weight")
+        w = weight.detach()
+        self.qmax = 2 ** (bits - 1) - 1
+        scale = w.abs().amax(tuple(range(1, w.dim())), keepdim=True).clamp_min(1e-12) / self.qmax
+        base = torch.floor(w / scale)
+        frac = (w / scale - base).clamp(0.01, 0.99)
+        self.register_buffer("scale", scale)
+        self.register_buffer("base", base)
+        self.v = nn.Parameter(-torch.log((_ZETA - _GAMMA) / (frac - _GAMMA) - 1))
+        self.soft = False
+
+    def rounding(self) -> torch.Tensor:
+        """The amount added to floor(w / s): soft in [0, 1], or hard 0/1."""
+        h = _h(self.v)
+        return h if self.soft else (h >= 0.5).to(h.dtype)
+
+    def forward(self, weight: torch.Tensor | None = None) -> torch.Tensor:
+        return self.scale * torch.clamp(self.base + self.rounding(), -self.qmax, self.qmax)
+
+    def regulariser(self, beta: float) -> torch.Tensor:
+        """sum(1 - |2h - 1|^beta): zero only when every h is exactly 0 or 1."""
+        return (1 - (2 * _h(self.v) - 1).abs().pow(beta)).sum()
+
+    def num_scales(self, weight: torch.Tensor) -> int:
+        return weight.shape[0]
+
+
+def find_units(model: nn.Module, layer_names: list[str], granularity: str = "block") -> list[tuple[str, list[str]]]:
+    """Group the layers to quantize into reconstruction units, in model order.
+
+    granularity "layer": every layer alone. "block": the outermost module on the layer's path that
+    is an entry of an nn.Sequential (and not itself a Sequential), e.g. a ResNet BasicBlock in
+    ``layers`` or a transformer Block in ``blocks``; a layer with no such ancestor is its own unit.
+    Returns [(unit module name, [layer names in it])]."""
+    if granularity not in ("block", "layer"):
+        raise ValueError(f"unknown reconstruction granularity {granularity!r}: choose 'block' or 'layer'")
+    units: dict[str, list[str]] = {}
+    for name in layer_names:
+        unit = name
+        if granularity == "block":
+            parts = name.split(".")
+            for i in range(1, len(parts) + 1):
+                prefix = ".".join(parts[:i])
+                parent = model.get_submodule(".".join(parts[: i - 1]))
+                if isinstance(parent, nn.Sequential) and not isinstance(model.get_submodule(prefix), nn.Sequential):
+                    unit = prefix
+                    break
+        units.setdefault(unit, []).append(name)
+    return list(units.items())
+
+
+class _Captured(Exception):
+    pass
+
+
+@torch.no_grad()
+def unit_inputs(model: nn.Module, unit: str, inputs: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """The first positional input of submodule ``unit`` when ``model`` runs on ``inputs`` (batched;
+    the forward stops at the unit, so later parts cost nothing)."""
+    got: list[torch.Tensor] = []
+
+    def hook(mod, args):
+        got.append(args[0].detach())
+        raise _Captured
+
+    handle = model.get_submodule(unit).register_forward_pre_hook(hook)
+    try:
+        for i in range(0, len(inputs), batch_size):
+            try:
+                model(inputs[i : i + batch_size])
+            except _Captured:
+                pass
+    finally:
+        handle.remove()
+    if len(got) * batch_size < len(inputs):
+        raise RuntimeError(f"{unit!r} did not run on every calibration batch: it cannot be reconstructed on its own")
+    return torch.cat(got)
+
+
+def reconstruct(unit_q: nn.Module, unit_fp: nn.Module, x_fp: torch.Tensor, x_q: torch.Tensor, iters: int = 500,
+                lr: float = 1e-2, reg: float = 0.01, batch: int = 64, seed: int = 0) -> float:
+    """Learn the rounding of every ``AdaRoundWeight`` and the border of every ``BorderQuantizer``
+    inside ``unit_q`` so that unit_q(x_q) matches unit_fp(x_fp) (squared error summed per sample,
+    averaged over a batch of ``batch`` calibration rows), plus reg * the rounding regulariser with
+    beta annealed from 20 to 2 after a 20% warm-up, which drives every h to 0 or 1. The soft
+    border sharpens (temperature 0.2 -> 0.01) over the run. Afterwards every weight is baked:
+    its AdaRoundWeight is removed and ``weight`` holds the hard-rounded values on the grid; the
+    borders are frozen in hard mode. Returns the final reconstruction loss (hard rounding, last batch)."""
+    if len(x_fp) != len(x_q) or len(x_fp) == 0:
+        raise ValueError(f"x_fp and x_q must hold the same, non-zero number of rows, got {len(x_fp)} and {len(x_q)}")
+    layers = [m for m in unit_q.modules() if isinstance(getattr(m, "weight_quantizer", None), AdaRoundWeight)]
+    borders = [m for m in unit_q.modules() if isinstance(m, BorderQuantizer)]
+    groups = [{"params": [m.weight_quantizer.v for m in layers], "lr": lr}]
+    if borders:
+        groups.append({"params": [p for b in borders for p in (b.a, b.b)], "lr": lr * BORDER_LR_RATIO})
+    unit_fp.eval()
+    unit_q.eval()
+    gen = torch.Generator().manual_seed(seed)
+    warm = int(0.2 * iters)
+    loss = torch.zeros(())
+    with torch.enable_grad():
+        opt = torch.optim.Adam(groups)
+        for b in borders:
+            b.a.requires_grad_(True), b.b.requires_grad_(True)
+        for m in layers:
+            m.weight_quantizer.soft = True
+        for it in range(iters):
+            idx = torch.randint(0, len(x_fp), (min(batch, len(x_fp)),), generator=gen)
+            for b in borders:
+                b.soft, b.tau = True, 0.2 * (0.05 ** (it / max(iters - 1, 1)))
+            with torch.no_grad():
+                target = unit_fp(x_fp[idx])
+            loss = (unit_q(x_q[idx]) - target).pow(2).flatten(1).sum(1).mean()
+            if it >= warm:
+                beta = 20 - (20 - 2) * (it - warm) / max(iters - warm, 1)
+                loss = loss + reg * sum(m.weight_quantizer.regulariser(beta) for m in layers)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    with torch.no_grad():
+        for b in borders:
+            b.soft = False
+            b.a.requires_grad_(False), b.b.requires_grad_(False)
+        for m in layers:
+            m.weight_quantizer.soft = False
+            m.weight.copy_(m.weight_quantizer())
+            m.weight_quantizer = None
+        idx = torch.randint(0, len(x_fp), (min(batch, len(x_fp)),), generator=gen)
+        return float((unit_q(x_q[idx]) - unit_fp(x_fp[idx])).pow(2).flatten(1).sum(1).mean())
