@@ -136,3 +136,29 @@ def test_random_allocation_stays_within_budget():
         plan = random_allocation(sizes, (2, 3, 4, 8), 3.0, seed=seed)
         used = sum(sizes[n] * b for n, b in plan.items()) / sum(sizes.values())
         assert used <= 3.0 and set(plan.values()) <= {2, 3, 4, 8}
+
+
+def test_onceqat_benchmark_writes_json_table_and_plot(tmp_path):
+    from lowbit.bench import onceqat
+
+    res = onceqat.run(widths=(8, 4, 2), quick=True, out=tmp_path, progress=False, log=lambda *a: None)
+    data = json.loads((tmp_path / "onceqat.json").read_text())
+    assert [r["bits"] for r in data["rows"]] == [8, 4, 2]
+    assert all(r["once_accuracy"] > 10 and r["dedicated_accuracy"] > 10 for r in data["rows"])
+    # one 8-bit store against one model per width: 8 + 4 + 2 bits of weights, so more than 1.5x
+    assert res["storage_ratio"] > 1.5 and data["rows"][2]["dedicated_bytes"] < data["rows"][0]["dedicated_bytes"]
+    assert (tmp_path / "onceqat.png").exists() and "once-QAT acc" in (tmp_path / "onceqat.md").read_text()
+
+
+def test_smartdeal_benchmark_writes_json_table_and_plot(tmp_path):
+    from lowbit.bench import smartdeal
+
+    res = smartdeal.run(quick=True, out=tmp_path, progress=False, log=lambda *a: None)
+    rows = {r["label"]: r for r in json.loads((tmp_path / "smartdeal.json").read_text())["rows"]}
+    assert set(rows) == {"float32", "pruning", "int8", "smartdeal", "smartdeal (from scratch)"}
+    sd = rows["smartdeal"]
+    assert sd["ce_on_grid"] and rows["smartdeal (from scratch)"]["ce_on_grid"]
+    assert sd["storage_reduction"] > 8 and sd["shift_add"] > 0 and sd["weights_fetched"] < rows["float32"]["weights_fetched"]
+    assert rows["int8"]["storage_reduction"] > 3.5 and rows["pruning"]["fp32_mac"] < rows["float32"]["fp32_mac"]
+    assert all(r["accuracy"] > 10 for r in rows.values()) and "Horowitz" in res["energy_source"]
+    assert (tmp_path / "smartdeal.png").exists() and "shift-adds" in (tmp_path / "smartdeal.md").read_text()

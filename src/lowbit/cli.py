@@ -85,6 +85,14 @@ def _bench(args) -> int:
         from lowbit.bench import ptq as ptq_bench
 
         ptq_bench.run(models=(args.models or "resnet,vit").split(","), quick=args.quick, out=args.out)
+    elif args.what == "smartdeal":
+        from lowbit.bench import smartdeal
+
+        smartdeal.run(quick=args.quick, out=args.out)
+    elif args.what == "onceqat":
+        from lowbit.bench import onceqat
+
+        onceqat.run(quick=args.quick, out=args.out)
     elif args.what == "codec":
         from lowbit.bench import codec
 
@@ -287,7 +295,7 @@ def main(argv=None) -> int:
     e.add_argument("--seed", type=int, default=0)
     e.set_defaults(func=_explain)
     b = sub.add_parser("bench", help="run a benchmark (writes JSON, a table and a plot)")
-    b.add_argument("what", choices=["act", "codec", "quant", "explain", "kernels", "ptq"])
+    b.add_argument("what", choices=["act", "codec", "quant", "explain", "kernels", "ptq", "onceqat", "smartdeal"])
     b.add_argument("--budgets", default="8,16,32,64,128", help="explain: evaluations per feature")
     b.add_argument("--instances", type=int, default=None, help="explain: first N test rows (default all)")
     b.add_argument("--no-shap", action="store_true", help="explain: skip the shap library rows")

@@ -58,6 +58,13 @@ def image_data(name: str = "fashion-mnist", limit: int | None = None, test_limit
         return load_images("digits", "train", limit), load_images("digits", "test", test_limit), "digits"
 
 
+def bench_images(cfg: dict, quick: bool, notice=print):
+    """A benchmark's images: digits when ``quick`` (smoke test), else Fashion-MNIST; both limited
+    by cfg["limit"] / cfg["test_limit"]. Returns (train, test, name actually used)."""
+    name = "digits" if quick else "fashion-mnist"
+    return image_data(name, limit=cfg.get("limit"), test_limit=cfg.get("test_limit"), notice=notice)
+
+
 def fortunes_corpus() -> CharCorpus:
     return CharCorpus(load_fortunes())
 

@@ -16,7 +16,12 @@ from pathlib import Path
 import torch
 
 from lowbit import quant
-from lowbit.bench.common import image_data, markdown_table, reference_model, save_results
+from lowbit.bench.common import (
+    bench_images,
+    markdown_table,
+    reference_model,
+    save_results,
+)
 from lowbit.train import evaluate_classifier
 
 CONFIGS = [(8, 8), (4, 8), (4, 4), (2, 4), (4, 2), (2, 2)]
@@ -60,10 +65,7 @@ def _quantized_names(model: torch.nn.Module) -> list[str]:
 def run(models=("resnet", "vit"), quick: bool = False, out: str | Path = "results/ptq", seed: int = 0,
         configs=CONFIGS, methods=METHODS, budgets=BUDGETS, progress: bool = True, log=print) -> dict:
     cfg = QUICK if quick else DEFAULTS
-    if quick:
-        train, test, data_name = image_data("digits", limit=cfg["limit"], test_limit=cfg["test_limit"], notice=log)
-    else:
-        train, test, data_name = image_data(limit=cfg["limit"], test_limit=cfg["test_limit"], notice=log)
+    train, test, data_name = bench_images(cfg, quick, log)
     pick = torch.randperm(len(train[0]), generator=torch.Generator().manual_seed(seed))[: cfg["calib"]]
     calib, calib_labels = train[0][pick], train[1][pick]
     results = {"quick": quick, "seed": seed, "data": data_name, "threads": torch.get_num_threads(), "config": dict(cfg),

@@ -5,7 +5,7 @@ QuantConv2d / QuantLinear, recipes that turn a float model into a quantized one,
     lowbit.quant.train_quantized(qmodel, train, test)  # schedules, penalties, distillation
     print(lowbit.quant.summary(qmodel))                # per-layer bits and packed bytes
 """
-from lowbit.quant import functions
+from lowbit.quant import functions, vertical
 from lowbit.quant.export import export, storage_bytes
 from lowbit.quant.layers import QuantConv2d, QuantLinear, penalty, quant_layers, set_progress
 from lowbit.quant.mixed import allocate_bits, fold_batchnorm, hutchinson_trace, rtn_weight, sensitivity, weight_counts
@@ -31,7 +31,7 @@ from lowbit.quant.size import ModelSize, model_size, summary
 from lowbit.quant.train import distillation_loss, train_quantized
 
 __all__ = [
-    "functions", "QuantConv2d", "QuantLinear", "penalty", "quant_layers", "set_progress", "LSQ", "BinaryActivation",
+    "functions", "vertical", "QuantConv2d", "QuantLinear", "penalty", "quant_layers", "set_progress", "LSQ", "BinaryActivation",
     "BinaryWeight", "GradientQuantizer", "NoiseAdaptation", "Quantizer", "SignQuantizer", "SparseBinaryWeight",
     "TernaryWeight", "UniformActivation", "UniformWeight", "RECIPES", "Recipe", "get_recipe", "quantize",
     "register_recipe", "ModelSize", "model_size", "summary", "distillation_loss", "train_quantized", "export",

@@ -130,40 +130,56 @@ def allocate_bits(sens: dict[str, dict[int, float]], sizes: dict[str, int], aver
     return {names[li]: b for (li, b), x in zip(choices, res.x) if x > 0.5}
 
 
+def conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
+    """(conv name, BatchNorm name) for every Conv2d whose only user is a BatchNorm2d that is used
+    once, found by tracing the model with torch.fx (quantized layers are kept as leaves). Raises
+    torch.fx's error when the model cannot be traced."""
+    from torch import fx
+
+    from lowbit.quant.layers import QuantMixin
+
+    class _Tracer(fx.Tracer):
+        def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+            return isinstance(m, QuantMixin) or super().is_leaf_module(m, qualname)
+
+    graph = _Tracer().trace(model)
+    calls: dict[str, int] = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+    pairs = []
+    for node in graph.nodes:
+        if node.op != "call_module" or len(node.users) != 1 or calls[node.target] != 1:
+            continue
+        user = next(iter(node.users))
+        if user.op != "call_module" or calls[user.target] != 1:
+            continue
+        if isinstance(model.get_submodule(node.target), nn.Conv2d) and isinstance(model.get_submodule(user.target), nn.BatchNorm2d):
+            pairs.append((node.target, user.target))
+    return pairs
+
+
 def fold_batchnorm(model: nn.Module) -> nn.Module:
     """An eval-mode copy with every Conv2d -> BatchNorm2d pair folded into the conv and the
     BatchNorm replaced by nn.Identity (the input model is not modified).
 
-    torch.fx traces the model only to find the pairs (a conv whose sole user is a BatchNorm that
-    is used once); the copy keeps the model's own classes and forward, so its blocks can still be
-    hooked and run on their own. A model fx cannot trace is returned unfolded with a warning."""
+    torch.fx traces the model only to find the pairs (``conv_bn_pairs``); the copy keeps the
+    model's own classes and forward, so its blocks can still be hooked and run on their own. A
+    model fx cannot trace is returned unfolded with a warning."""
     import warnings
 
-    from torch import fx
     from torch.nn.utils.fusion import fuse_conv_bn_eval
 
     folded = copy.deepcopy(model).eval()
     if not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules()):
         return folded
     try:
-        graph = fx.symbolic_trace(folded).graph
+        pairs = conv_bn_pairs(folded)
     except Exception as err:  # data-dependent control flow and the like
         warnings.warn(f"fold_batchnorm: the model could not be traced ({err}); BatchNorm left unfolded")
         return folded
-    calls: dict[str, int] = {}
-    for node in graph.nodes:
-        if node.op == "call_module":
-            calls[node.target] = calls.get(node.target, 0) + 1
-    for node in graph.nodes:
-        if node.op != "call_module" or len(node.users) != 1 or calls[node.target] != 1:
-            continue
-        user = next(iter(node.users))
-        conv = folded.get_submodule(node.target)
-        if user.op != "call_module" or not isinstance(conv, nn.Conv2d) or calls[user.target] != 1:
-            continue
-        bn = folded.get_submodule(user.target)
-        if not isinstance(bn, nn.BatchNorm2d) or not bn.track_running_stats:
-            continue
-        set_submodule(folded, node.target, fuse_conv_bn_eval(conv, bn))
-        set_submodule(folded, user.target, nn.Identity())
+    for conv, bn in pairs:
+        if folded.get_submodule(bn).track_running_stats:
+            set_submodule(folded, conv, fuse_conv_bn_eval(folded.get_submodule(conv), folded.get_submodule(bn)))
+            set_submodule(folded, bn, nn.Identity())
     return folded

@@ -11,13 +11,17 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-
 from tqdm.auto import tqdm
 
 from lowbit.quant.layers import QuantConv2d, QuantLinear, set_submodule
 from lowbit.quant.mixed import fold_batchnorm, rtn_weight, weight_layers
 from lowbit.quant.quantizers import BorderQuantizer, FixedUniform
-from lowbit.quant.reconstruct import AdaRoundWeight, find_units, reconstruct, unit_inputs
+from lowbit.quant.reconstruct import (
+    AdaRoundWeight,
+    find_units,
+    reconstruct,
+    unit_inputs,
+)
 
 CALIBRATIONS = ("minmax", "percentile", "mse")
 

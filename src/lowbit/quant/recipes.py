@@ -38,6 +38,7 @@ class Recipe:
     binary_inputs: bool = False  # the layers' inputs are binarised: ReLU -> Hardtanh(-1, 1)
     distill: float = 0.0  # weight of representation distillation from a float teacher (DIR-Net)
     weight_bits: float = 32.0  # bits per quantized weight when packed
+    finish: Callable[[nn.Module, dict], None] | None = None  # (quantized copy, options): model-wide changes
 
     def options(self, overrides: dict) -> dict:
         allowed = {**_COMMON, **self.defaults, "distill": self.distill}
@@ -137,6 +138,22 @@ def _lsq(bits):
     return build
 
 
+def _switch_batchnorm(qmodel: nn.Module, o: dict) -> None:
+    from lowbit.quant.vertical import set_bits, switch_batchnorm
+
+    if o["switch_bn"]:
+        set_bits(switch_batchnorm(qmodel), o["bits"])
+
+
+@register_recipe("vertical", "vertical-layered: weights stored once at 8 bits, every width 8..2 by cascade "
+                 "downsampling (set_bits / use_bits switch it), a learned input step and BatchNorm statistics per width",
+                 {"bits": 8, "switch_bn": True}, weight_bits=8, finish=_switch_batchnorm)
+def _vertical(layer, o):
+    from lowbit.quant.vertical import VerticalActivation, VerticalWeight
+
+    return dict(weight_quantizer=VerticalWeight(o["bits"]), input_quantizer=VerticalActivation(o["bits"]))
+
+
 register_recipe("int8", "8-bit weights (per channel) and inputs, learned step size (LSQ)", {"bits": 8}, weight_bits=8)(_lsq(8))
 register_recipe("int4", "4-bit weights (per channel) and inputs, learned step size (LSQ)", {"bits": 4}, weight_bits=4)(_lsq(4))
 
@@ -190,5 +207,7 @@ def quantize(model: nn.Module, recipe: str | Recipe, **overrides) -> nn.Module:
         for name, m in list(qmodel.named_modules()):
             if type(m) in (nn.ReLU, nn.ReLU6) and name:
                 set_submodule(qmodel, name, nn.Hardtanh(-1.0, 1.0))
+    if rec.finish is not None:
+        rec.finish(qmodel, opts)
     qmodel.lowbit_recipe = {"name": rec.name, **{k: (list(v) if isinstance(v, tuple) else v) for k, v in opts.items()}}
     return qmodel

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from contextlib import contextmanager
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -49,10 +50,13 @@ def train_quantized(
     distill: float | None = None,
     progress: bool = True,
     desc: str = "train",
+    loss_fn: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> TrainResult:
     """Train a (quantized or float) classifier on images [N, C, H, W] / labels [N]; returns the
     test accuracy in percent. ``distill`` defaults to the recipe's weight (DIR-Net: 1.0) and is
-    used only when a ``teacher`` is given; the teacher is frozen and kept in eval mode."""
+    used only when a ``teacher`` is given; the teacher is frozen and kept in eval mode.
+    ``loss_fn(model, x, y)`` replaces the cross-entropy of model(x) (e.g. once-QAT's loss over
+    every width, ``vertical.once_loss``)."""
     x, y = train
     total = total_steps(len(x), epochs, batch_size)
     opt, sched = _optimizer(model, lr, total)
@@ -69,7 +73,7 @@ def train_quantized(
             t0 = time.perf_counter()
             set_progress(model, step / max(total - 1, 1))
             with _capture(model, names) as s_out:
-                loss = F.cross_entropy(model(xb), yb)
+                loss = F.cross_entropy(model(xb), yb) if loss_fn is None else loss_fn(model, xb, yb)
             if names:
                 with torch.no_grad(), _capture(teacher, names) as t_out:
                     teacher(xb)

@@ -1,0 +1,71 @@
+import pytest
+import torch
+
+from lowbit import decompose, quant
+from lowbit.data import load_images
+from lowbit.models import ResNet
+
+
+def _on_grid(ce: torch.Tensor, e_min: int, e_max: int) -> bool:
+    nz = ce[ce != 0].abs()
+    e = torch.log2(nz)
+    return bool(torch.equal(e, e.round()) and (e >= e_min).all() and (e <= e_max).all())
+
+
+def test_pow2_round_is_the_nearest_power_of_two_in_range():
+    c = torch.tensor([0.2, 0.6, 1.4, 1.6, -2.9, -3.1, 5.0, 100.0, 0.0])
+    assert pow2(c).tolist() == [0.0, 1.0, 1.0, 2.0, -2.0, -4.0, 4.0, 32.0, 0.0]
+    levels = torch.tensor([0.0] + [2.0**e for e in range(6)])
+    x = torch.rand(1000) * 40
+    nearest = levels[(x[:, None] - levels).abs().argmin(1)]
+    assert torch.allclose(decompose.pow2_round(x), nearest)
+
+
+def pow2(c):
+    return decompose.pow2_round(c, 0, 5)
+
+
+def test_decomposition_structure_error_and_bad_input():
+    torch.manual_seed(0)
+    # on a weight that is Ce.B with a mixing basis, alternating refits beat the identity-basis
+    # start (plain power-of-two rounding) by far
+    ce = pow2(torch.randn(96, 3) * 8) * (torch.rand(96, 1) > 0.5)
+    w = (ce @ torch.randn(3, 3)).reshape(8, 4, 3, 3)
+    ce_hat, b_hat, mask, err = decompose.decompose(w, sparsity=0.5, iters=30)
+    assert err < 0.8 * decompose.decompose(w, sparsity=0.5, iters=1)[3]
+    assert _on_grid(ce_hat, 0, 5) and b_hat.shape == (3, 3)
+    assert int(mask.sum()) == 48 and not ce_hat[~mask].any()  # whole rows are zero
+    # on a dense random weight the fit is worse with more sparsity, but always on the grid
+    w = torch.randn(16, 8, 3, 3)
+    errs = [decompose.decompose(w, sparsity=s)[3] for s in (0.0, 0.5, 0.75)]
+    assert errs[0] < errs[1] < errs[2] < 1
+    with pytest.raises(ValueError, match="sparsity"):
+        decompose.decompose(w, sparsity=1.0)
+    with pytest.raises(ValueError, match="divisible"):
+        decompose.decompose(torch.randn(4, 10), basis=4)
+
+
+def test_smartdeal_keeps_its_structure_through_fine_tuning_and_recovers_accuracy():
+    from lowbit.train import evaluate_classifier
+
+    torch.manual_seed(0)
+    train = load_images("digits", "train", 500)
+    test = load_images("digits", "test", 300)
+    model = ResNet(widths=(8, 16, 16))
+    quant.train_quantized(model, train, test, epochs=4, batch_size=64, lr=5e-3, progress=False)
+    sd = decompose.smartdeal(model, sparsity=0.5)
+    layers = [m.weight_quantizer for m in sd.modules() if isinstance(getattr(m, "weight_quantizer", None), decompose.SmartDealWeight)]
+    masks = [q.mask.clone() for q in layers]
+    bases = [q.b.detach().clone() for q in layers]
+    assert layers and all(_on_grid(q.effective_ce(), 0, 5) for q in layers)
+    before = evaluate_classifier(sd, *test)
+    after = quant.train_quantized(sd, train, test, epochs=3, batch_size=64, lr=2e-3, progress=False).metric
+    assert after > before + 5
+    for q, mask, b in zip(layers, masks, bases):
+        ce = q.effective_ce()
+        assert torch.equal(q.mask, mask) and _on_grid(ce, 0, 5) and not ce[~mask].any()
+        assert not torch.equal(q.b, b)  # B learns in float
+        w = q()
+        assert torch.allclose(w.reshape(-1, ce.shape[1]), ce @ q.basis(), atol=1e-5)
+    rep = decompose.report(sd)
+    assert all(row["stored_bytes"] * 8 <= row["float32_bytes"] for row in rep)  # >= 8x smaller per layer
