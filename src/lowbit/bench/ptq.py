@@ -58,10 +58,6 @@ def random_allocation(sizes: dict[str, int], widths, average_bits: float, seed: 
     return plan
 
 
-def _quantized_names(model: torch.nn.Module) -> list[str]:
-    return [n for n, _ in quant.mixed.weight_layers(quant.fold_batchnorm(model))][1:-1]  # first/last stay float
-
-
 def run(models=("resnet", "vit"), quick: bool = False, out: str | Path = "results/ptq", seed: int = 0,
         configs=CONFIGS, methods=METHODS, budgets=BUDGETS, progress: bool = True, log=print) -> dict:
     cfg = QUICK if quick else DEFAULTS
@@ -96,8 +92,8 @@ def run(models=("resnet", "vit"), quick: bool = False, out: str | Path = "result
 
 
 def _mixed_precision(model, calib, labels, test, budgets, options, float_acc, progress, log, name) -> list[dict]:
-    names = _quantized_names(model)
     folded = quant.fold_batchnorm(model)
+    names = [n for n, _ in quant.mixed.weight_layers(folded)][1:-1]  # first/last stay float
     sizes = {n: c for n, c in quant.weight_counts(folded).items() if n in names}
     t0 = time.perf_counter()
     sens = quant.sensitivity(folded, (calib, labels), bits=WIDTHS, how="hessian", layers=names)

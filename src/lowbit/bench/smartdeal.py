@@ -83,11 +83,10 @@ def cost(model: nn.Module, method: str, x: torch.Tensor) -> dict:
             ops["fp32_mac"] += n * p
             ops["weights_fetched"] += n
             stored += 4 * n
-    fetched_bytes = {"smartdeal": stored, "pruning": stored, "int8": stored}.get(method, 4 * ops["weights_fetched"])
     e = ENERGY_PJ
     compute = (ops["fp32_mac"] * (e["fp32_mul"] + e["fp32_add"]) + ops["int8_mac"] * (e["int8_mul"] + e["int32_add"])
                + ops["shift_add"] * (e["shift"] + e["fp32_add"]))
-    memory = fetched_bytes * e["dram_byte"]
+    memory = stored * e["dram_byte"]  # every stored weight byte is fetched once
     return {**ops, "stored_bytes": stored, "float32_bytes": 4 * ops["weights"], "compute_pj": compute,
             "memory_pj": memory, "energy_pj": compute + memory}
 

@@ -105,3 +105,9 @@ def penalty(model: nn.Module) -> torch.Tensor | None:
     """Sum of the methods' extra loss terms (PTQ's weight decay toward the ternary grid), or None."""
     terms = [p for _, m in quant_layers(model) if (p := m.penalty()) is not None]
     return torch.stack(terms).sum() if terms else None
+
+
+def quant_layer_from_float(layer: nn.Module, **quant) -> QuantConv2d | QuantLinear:
+    """QuantConv2d.from_float or QuantLinear.from_float, whichever fits ``layer``."""
+    cls = QuantConv2d if isinstance(layer, nn.Conv2d) else QuantLinear
+    return cls.from_float(layer, **quant)

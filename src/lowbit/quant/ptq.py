@@ -9,11 +9,13 @@ per-layer mapping, e.g. from ``allocate_bits``.
 """
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from lowbit.quant.layers import QuantConv2d, QuantLinear, set_submodule
+from lowbit.quant.layers import quant_layer_from_float, set_submodule
 from lowbit.quant.mixed import fold_batchnorm, rtn_weight, weight_layers
 from lowbit.quant.quantizers import BorderQuantizer, FixedUniform
 from lowbit.quant.reconstruct import (
@@ -74,7 +76,7 @@ def ptq(model: nn.Module, calib: torch.Tensor, w_bits: int | dict[str, int] = 4,
         raise ValueError(f"unknown calibration {calibration!r}: choose one of {CALIBRATIONS}")
     inputs = _calibration_tensor(calib)
     reference = fold_batchnorm(model)
-    qmodel = fold_batchnorm(model)
+    qmodel = copy.deepcopy(reference)
     layers = weight_layers(qmodel)
     if isinstance(w_bits, dict):
         unknown = sorted(set(w_bits) - {n for n, _ in layers})
@@ -97,9 +99,8 @@ def ptq(model: nn.Module, calib: torch.Tensor, w_bits: int | dict[str, int] = 4,
                 iq = BorderQuantizer(a_bits, lo, hi, layer.in_channels if conv else layer.in_features, 1 if conv else -1)
             else:
                 iq = FixedUniform(a_bits, lo, hi)
-        cls = QuantConv2d if isinstance(layer, nn.Conv2d) else QuantLinear
         wq = AdaRoundWeight(layer.weight, widths[name]) if learn else None
-        q = cls.from_float(layer, input_quantizer=iq, weight_quantizer=wq)
+        q = quant_layer_from_float(layer, input_quantizer=iq, weight_quantizer=wq)
         if not learn:
             q.weight.copy_(rtn_weight(layer.weight, widths[name]))
         q.weight_bits = widths[name]
@@ -136,8 +137,7 @@ def adaround_weight(layer: nn.Module, x_fp: torch.Tensor, x_q: torch.Tensor, bit
     down on the per-channel symmetric grid of ``bits`` so that its output on x_q (through
     ``input_quantizer``, whose border is learned too if it is a BorderQuantizer) matches the float
     layer's output on x_fp. Returns the rounded weight; options go to ``reconstruct``."""
-    cls = QuantConv2d if isinstance(layer, nn.Conv2d) else QuantLinear
-    q = cls.from_float(layer, input_quantizer=input_quantizer, weight_quantizer=AdaRoundWeight(layer.weight, bits))
+    q = quant_layer_from_float(layer, input_quantizer=input_quantizer, weight_quantizer=AdaRoundWeight(layer.weight, bits))
     reconstruct(q, layer, x_fp, x_q, **options)
     return q.weight.detach()
 

@@ -12,7 +12,7 @@ from typing import Callable
 
 from torch import nn
 
-from lowbit.quant.layers import QuantConv2d, QuantLinear, set_submodule
+from lowbit.quant.layers import quant_layer_from_float, set_submodule
 from lowbit.quant.quantizers import (
     LSQ,
     BinaryActivation,
@@ -139,10 +139,10 @@ def _lsq(bits):
 
 
 def _switch_batchnorm(qmodel: nn.Module, o: dict) -> None:
-    from lowbit.quant.vertical import set_bits, switch_batchnorm
+    from lowbit.quant.vertical import switch_batchnorm
 
     if o["switch_bn"]:
-        set_bits(switch_batchnorm(qmodel), o["bits"])
+        switch_batchnorm(qmodel, o["bits"])
 
 
 @register_recipe("vertical", "vertical-layered: weights stored once at 8 bits, every width 8..2 by cascade "
@@ -201,8 +201,7 @@ def quantize(model: nn.Module, recipe: str | Recipe, **overrides) -> nn.Module:
             kwargs = rec.build(layer, opts)
         except ValueError as e:
             raise ValueError(f"quantize(recipe={rec.name!r}): layer {name!r}: {e}") from None
-        cls = QuantConv2d if isinstance(layer, nn.Conv2d) else QuantLinear
-        set_submodule(qmodel, name, cls.from_float(layer, **kwargs))
+        set_submodule(qmodel, name, quant_layer_from_float(layer, **kwargs))
     if rec.binary_inputs:
         for name, m in list(qmodel.named_modules()):
             if type(m) in (nn.ReLU, nn.ReLU6) and name:

@@ -127,9 +127,9 @@ class SwitchableBatchNorm2d(nn.Module):
         return f"{self.weight.numel()}, bits={self.bits}, statistics per width"
 
 
-def switch_batchnorm(model: nn.Module) -> nn.Module:
-    """Replace every BatchNorm2d of a vertical model by a SwitchableBatchNorm2d (in place), each
-    paired with the conv it follows when torch.fx can trace the model."""
+def switch_batchnorm(model: nn.Module, bits: int = STORE_BITS) -> nn.Module:
+    """Replace every BatchNorm2d of a vertical model by a SwitchableBatchNorm2d at width ``bits``
+    (in place), each paired with the conv it follows when torch.fx can trace the model."""
     from lowbit.quant.layers import set_submodule
     from lowbit.quant.mixed import conv_bn_pairs
 
@@ -139,7 +139,7 @@ def switch_batchnorm(model: nn.Module) -> nn.Module:
         follows = {}
     for name, m in list(model.named_modules()):
         if isinstance(m, nn.BatchNorm2d):
-            set_submodule(model, name, SwitchableBatchNorm2d(m, follows=follows.get(name)))
+            set_submodule(model, name, SwitchableBatchNorm2d(m, bits, follows=follows.get(name)))
     return model
 
 
