@@ -47,6 +47,13 @@ class UniformCodec:
     def __repr__(self) -> str:
         return f"UniformCodec(bits={self.bits}, group_size={self.group_size}, rounding={self.rounding!r})"
 
+    def rng_state(self) -> torch.Tensor:
+        """The private generator's state (for checkpoints)."""
+        return self._gen.get_state()
+
+    def set_rng_state(self, state: torch.Tensor) -> None:
+        self._gen.set_state(state)
+
     def next_seed(self) -> int:
         return int(torch.randint(0, 2**32, (1,), generator=self._gen))
 

@@ -19,9 +19,26 @@ class CharGPT(nn.Module):
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, vocab_size)
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids: int64 [B, T] -> token + position embeddings [B, T, dim]."""
         t = ids.shape[1]
         if t > self.block_size:
             raise ValueError(f"sequence length {t} exceeds block_size {self.block_size}")
-        h = self.tok(ids) + self.pos(torch.arange(t, device=ids.device))
-        return self.head(self.norm(self.blocks(h)))
+        return self.tok(ids) + self.pos(torch.arange(t, device=ids.device))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.norm(self.blocks(self.embed(ids))))
+
+    def layers(self) -> list[nn.Module]:
+        """The model as layers applied in order (embedding, each block, norm + head), sharing
+        this model's parameters: what a pipeline cuts into stages."""
+        return [_Embed(self), *self.blocks, nn.Sequential(self.norm, self.head)]
+
+
+class _Embed(nn.Module):
+    def __init__(self, gpt: CharGPT):
+        super().__init__()
+        self.tok, self.pos, self.block_size = gpt.tok, gpt.pos, gpt.block_size
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return CharGPT.embed(self, ids)

@@ -1,0 +1,187 @@
+"""lowbit.distributed: the delta codec, example memory, and real multi-process pipelines on gloo."""
+import os
+
+import pytest
+import torch
+from torch import nn
+
+from lowbit.codecs import DeltaCodec, UniformCodec
+from lowbit.distributed import (CharLMTask, ExampleMemory, PipelineConfig, PipelineError, batch_ids, cut_layers,
+                                parse_bandwidth, simulated_step_time, spawn_local, train_single)
+from lowbit.distributed.wire import HEADER_LEN
+
+DIM, BLOCK = 32, 16
+
+
+def small_task() -> CharLMTask:
+    return CharLMTask(n_examples=128, block=BLOCK, dim=DIM, depth=2, heads=2)
+
+
+def cfg(**kw) -> PipelineConfig:
+    base = dict(stages=2, batch_size=16, micro_batches=4, epochs=1, threads=1, timeout_s=30)
+    return PipelineConfig(**{**base, **kw})
+
+
+# --- pieces, in process ---------------------------------------------------------------------
+
+def test_delta_codec_round_trip_is_within_the_change_quantization_error():
+    g = torch.Generator().manual_seed(0)
+    ref = torch.randn(8, 64, generator=g)
+    a = ref + 0.01 * torch.randn(8, 64, generator=g)
+    codec = DeltaCodec(UniformCodec(bits=2, group_size=64, rounding="nearest"))
+    p = codec.encode(a, ref)
+    out = codec.decode(p, ref)
+    change = a - ref
+    step = (change.view(-1, 64).amax(1) - change.view(-1, 64).amin(1)) / 3  # per-group scale at 2 bits
+    assert ((out - a).abs().view(-1, 64) <= step[:, None] / 2 + 1e-6).all()
+    # a small change costs the same bits as a big one, but its error is small: that is the point
+    assert (out - a).abs().max() < 0.02 < (UniformCodec(2, 64, "nearest").decode(UniformCodec(2, 64, "nearest").encode(a)) - a).abs().max()
+    with pytest.raises(ValueError, match="reference"):
+        codec.encode(a, ref[:4])
+
+
+def test_delta_codec_is_unbiased_with_stochastic_rounding():
+    ref = torch.linspace(-1, 1, 256).view(1, 256)
+    a = ref + torch.linspace(0, 0.3, 256).view(1, 256) ** 2
+    codec = DeltaCodec(UniformCodec(bits=2, group_size=256, rounding="stochastic", seed=1))
+    mean = torch.stack([codec.decode(codec.encode(a, ref), ref) for _ in range(2000)]).mean(0)
+    assert (mean - a).abs().max() < 3e-3
+
+
+@pytest.mark.parametrize("where", ["memory", "disk"])
+def test_example_memory_stores_by_id_and_round_trips_a_checkpoint(tmp_path, where):
+    mem = ExampleMemory(10, where, "float16", tmp_path)
+    x = torch.randn(3, 4, 5)
+    ids = torch.tensor([7, 0, 3])
+    assert torch.equal(mem.get(ids, x), torch.zeros_like(x))  # never seen: zero reference
+    stored = mem.put(ids, x)
+    assert torch.equal(stored, x.half().float())
+    assert torch.equal(mem.get(torch.tensor([3]), x[:1]), stored[2:])
+    assert mem.nbytes == 10 * 4 * 5 * 2
+    state = mem.state_dict()
+    mem.put(ids, torch.zeros_like(x))  # training goes on after the checkpoint ...
+    mem.load_state_dict(state)  # ... and resuming brings back the checkpointed references
+    assert torch.equal(mem.get(ids, x), stored)
+    with pytest.raises(ValueError, match="rows have shape"):
+        mem.put(ids, torch.randn(3, 4))
+    with pytest.raises(IndexError):
+        mem.get(torch.tensor([10]), x[:1])
+
+
+def test_example_memory_rejects_bad_settings(tmp_path):
+    with pytest.raises(ValueError, match="directory"):
+        ExampleMemory(4, "disk")
+    with pytest.raises(ValueError, match="dtype"):
+        ExampleMemory(4, dtype="int8")
+
+
+def test_cut_layers_balances_parameters_and_keeps_order():
+    layers = [nn.Linear(4, 4), nn.Linear(4, 64), nn.Linear(64, 64), nn.Linear(64, 4), nn.Linear(4, 4)]
+    parts = cut_layers(layers, 3)
+    assert [m for p in parts for m in p] == layers
+    assert [len(p) for p in parts] == [2, 1, 2]
+    with pytest.raises(ValueError):
+        cut_layers(layers, 6)
+
+
+def test_batch_ids_is_a_seeded_permutation_per_epoch():
+    seen = torch.cat([batch_ids(40, 8, s, seed=3)[1] for s in range(5)])
+    assert sorted(seen.tolist()) == list(range(40))
+    assert batch_ids(40, 8, 5, seed=3)[0] == 1
+    assert torch.equal(batch_ids(40, 8, 2, seed=3)[1], batch_ids(40, 8, 2, seed=3)[1])
+
+
+def test_bandwidth_parsing_and_simulated_time():
+    assert parse_bandwidth("100Mbps") == 1e8 and parse_bandwidth("1 Gbps") == 1e9 and parse_bandwidth(5e6) == 5e6
+    with pytest.raises(ValueError, match="bandwidth"):
+        parse_bandwidth("fast")
+    # 12.5 MB over 100 Mbit/s is one second; replicas run side by side, the slowest counts
+    assert simulated_step_time(0.5, [[12_500_000], [6_000_000]], 0, "100Mbps") == pytest.approx(1.5)
+
+
+def test_config_rejects_nonsense():
+    with pytest.raises(ValueError, match="mode"):
+        PipelineConfig(mode="zip")
+    with pytest.raises(ValueError, match="micro-batch would be empty"):
+        PipelineConfig(batch_size=4, micro_batches=8)
+
+
+# --- real process groups on loopback (gloo) ----------------------------------------------------
+
+def test_fp32_pipeline_matches_single_process_training_and_counts_bytes_exactly():
+    task, c = small_task(), cfg(max_steps=6)
+    res = spawn_local(task, c)
+    ref = train_single(task, c)
+    assert res["losses"] == pytest.approx(ref, rel=1e-5, abs=1e-6)
+    assert ref[-1] < ref[0]
+    header = HEADER_LEN * 8
+    per_direction = c.micro_batches * header + c.batch_size * BLOCK * DIM * 4  # every micro-batch: header + fp32
+    assert res["bytes_per_step"][0] == {"forward": per_direction, "backward": per_direction, "dp": 0}
+
+
+def test_acsgd_both_ends_keep_identical_references_and_send_few_bytes(tmp_path):
+    task = small_task()
+    c = cfg(mode="acsgd", bits=2, grad_bits=4, epochs=2, memory="disk", memory_dir=str(tmp_path))
+    res = spawn_local(task, c)
+    sums = res["memory_checksums"]
+    assert sums[0]["fwd_out"] == sums[1]["fwd_in"] != 0
+    assert res["warmup_steps"] == task.n_examples // c.batch_size
+    fp32 = c.batch_size * BLOCK * DIM * 4
+    assert res["bytes_per_step"][0]["forward"] > fp32  # warm-up epoch: fp32
+    assert res["steady_bytes_per_step"]["forward"] < fp32 / 8  # then 2-bit changes
+    assert res["steady_bytes_per_step"]["backward"] < fp32 / 5  # 4-bit gradients
+    assert all(torch.isfinite(torch.tensor(res["losses"])))
+
+
+def test_checkpoint_resume_continues_exactly(tmp_path):
+    task = small_task()
+    kw = dict(mode="acsgd", bits=4, grad_bits=4, epochs=2, warmup_epochs=1, checkpoint_dir=str(tmp_path / "ck"),
+              checkpoint_every=4)
+    straight = spawn_local(task, cfg(**{**kw, "checkpoint_dir": str(tmp_path / "other")}))
+    spawn_local(task, cfg(**kw, max_steps=10))  # stops after step 10, last checkpoint at step 8
+    resumed = spawn_local(task, cfg(**kw, resume=True))
+    assert resumed["losses"] == straight["losses"]
+    assert resumed["bytes_per_step"] == straight["bytes_per_step"]
+
+
+def test_data_parallel_replicas_with_compressed_gradients_stay_identical():
+    task = small_task()
+    res = spawn_local(task, cfg(replicas=2, mode="acsgd", bits=4, grad_bits=4, dp_bits=4, epochs=2, micro_batches=2))
+    p = res["param_checksums"]
+    assert p[0] == p[2] and p[1] == p[3]  # stage 0 replicas, stage 1 replicas
+    assert res["steady_bytes_per_step"]["dp"] > 0
+    assert res["losses"][-1] < res["losses"][0]
+
+
+class FailingTask(CharLMTask):
+    """Stage 1 raises (or its process dies) on the third forward call."""
+
+    def __init__(self, how: str):
+        super().__init__(n_examples=128, block=BLOCK, dim=DIM, depth=2, heads=2)
+        self.how = how
+
+    def layers(self):
+        return [*super().layers()[:-1], _Fails(super().layers()[-1], self.how)]
+
+
+class _Fails(nn.Module):
+    def __init__(self, inner, how):
+        super().__init__()
+        self.inner, self.how, self.calls = inner, how, 0
+
+    def forward(self, x):
+        self.calls += 1
+        if self.calls == 3:
+            if self.how == "die":
+                os._exit(3)
+            raise ValueError("injected failure")
+        return self.inner(x)
+
+
+@pytest.mark.parametrize("how", ["raise", "die"])
+def test_a_failing_stage_ends_every_rank_with_a_clear_error(how):
+    with pytest.raises(PipelineError) as info:
+        spawn_local(FailingTask(how), cfg(max_steps=4, timeout_s=20), deadline_s=60)
+    text = str(info.value)
+    assert "rank 0 (stage 0) lost contact" in text
+    assert ("ValueError: injected failure" in text) if how == "raise" else ("rank 1 exited with code 3" in text)
