@@ -93,10 +93,57 @@ def _bench(args) -> int:
         from lowbit.bench import onceqat
 
         onceqat.run(quick=args.quick, out=args.out)
+    elif args.what == "acsgd":
+        from lowbit.bench import acsgd
+
+        acsgd.run(quick=args.quick, out=args.out)
     elif args.what == "codec":
         from lowbit.bench import codec
 
         codec.run(numel=args.numel, out=args.out)
+    return 0
+
+
+def _dist_train(args) -> int:
+    import json
+    import os
+    from pathlib import Path
+
+    from lowbit.distributed import CharLMTask, PipelineConfig, init_from_env, spawn_local
+    from lowbit.table import markdown_table
+
+    cfg = PipelineConfig(stages=args.stages, replicas=args.replicas, micro_batches=args.micro_batches,
+                         batch_size=args.batch_size, epochs=args.epochs, max_steps=args.steps, lr=args.lr,
+                         mode=args.mode, bits=args.bits, grad_bits=args.grad_bits, group_size=args.group_size,
+                         warmup_epochs=args.warmup_epochs, memory=args.memory, memory_dtype=args.memory_dtype,
+                         memory_dir=args.memory_dir, dp_bits=args.dp_bits, seed=args.seed, timeout_s=args.timeout,
+                         threads=args.threads, checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every,
+                         resume=args.resume, progress=True, bandwidths=tuple(args.bandwidth.split(",")))
+    task = CharLMTask(n_examples=args.examples, block=args.block, seed=args.seed)
+    under_torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    if not under_torchrun and cfg.threads is None:
+        cfg.threads = max(1, (os.cpu_count() or 1) // cfg.world_size)
+    res = init_from_env(task, cfg) if under_torchrun else spawn_local(task, cfg)
+    if res is None:  # not rank 0
+        return 0
+    fp32_step = 2 * (cfg.stages - 1) * args.batch_size * args.block * task.dim * 4
+    steady = res["steady_bytes_per_step"]
+    rows = [["final training loss", round(res["losses"][-1], 4)],
+            ["steps (of which fp32 warm-up)", f"{len(res['losses'])} ({res['warmup_steps']})"],
+            ["bytes / step after warm-up: forward", f"{steady['forward']:,.0f}"],
+            ["bytes / step after warm-up: backward", f"{steady['backward']:,.0f}"],
+            ["bytes / step after warm-up: data parallel", f"{steady['dp']:,.0f}"],
+            ["pipeline bytes vs fp32 activations+gradients", f"{fp32_step / max(steady['forward'] + steady['backward'], 1):.1f}x fewer"],
+            ["AC-SGD reference memory (MiB, all ranks)", round(res["memory_bytes"] / 2**20, 1)],
+            ["median step time on loopback (s)", round(res["median_step_time_s"], 4)]]
+    rows += [[f"simulated step time at {bw} (s)", round(t, 4)] for bw, t in res["simulated_step_time_s"].items()]
+    print(f"lowbit dist-train: CharGPT on fortunes, {cfg.stages} stages x {cfg.replicas} replica(s), mode={cfg.mode}"
+          + (f" {cfg.bits}-bit" if cfg.mode != "fp32" else "") + f", gradients {cfg.grad_bits or 32}-bit")
+    print(markdown_table(["quantity", "value"], rows))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(res, indent=1))
+        print(f"wrote {args.out}")
     return 0
 
 
@@ -294,8 +341,37 @@ def main(argv=None) -> int:
     e.add_argument("--budget", type=int, default=16, help="evaluations per feature for the sampled methods")
     e.add_argument("--seed", type=int, default=0)
     e.set_defaults(func=_explain)
+    d = sub.add_parser("dist-train", help="pipeline-parallel CharGPT training with compressed stage traffic (AC-SGD); "
+                       "spawns local ranks, or runs as one rank under torchrun")
+    d.add_argument("--stages", type=int, default=2)
+    d.add_argument("--replicas", type=int, default=1, help="data-parallel copies of the pipeline")
+    d.add_argument("--mode", default="acsgd", choices=["fp32", "quant", "acsgd"])
+    d.add_argument("--bits", type=int, default=4, help="forward activation (change) bits: 1, 2, 4 or 8")
+    d.add_argument("--grad-bits", type=int, default=4, help="backward gradient bits (0: fp32)")
+    d.add_argument("--dp-bits", type=int, default=0, help="data-parallel gradient bits (0: fp32 all-reduce)")
+    d.add_argument("--group-size", type=int, default=256, help="elements per (min, scale) pair")
+    d.add_argument("--warmup-epochs", type=int, default=1)
+    d.add_argument("--memory", default="memory", choices=["memory", "disk"], help="where AC-SGD keeps references")
+    d.add_argument("--memory-dtype", default="float32", choices=["float32", "float16"])
+    d.add_argument("--memory-dir", default=None)
+    d.add_argument("--examples", type=int, default=2048, help="training windows of fortunes")
+    d.add_argument("--block", type=int, default=64)
+    d.add_argument("--micro-batches", type=int, default=4)
+    d.add_argument("--batch-size", type=int, default=32)
+    d.add_argument("--epochs", type=int, default=4)
+    d.add_argument("--steps", type=int, default=None, help="stop after this many steps")
+    d.add_argument("--lr", type=float, default=3e-3)
+    d.add_argument("--bandwidth", default="100Mbps,1Gbps", help="links to simulate, comma separated")
+    d.add_argument("--timeout", type=float, default=120.0, help="seconds any rank waits for another")
+    d.add_argument("--checkpoint-dir", default=None)
+    d.add_argument("--checkpoint-every", type=int, default=0)
+    d.add_argument("--resume", action="store_true")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--threads", type=int, default=None)
+    d.add_argument("--out", default=None, help="write the results JSON here")
+    d.set_defaults(func=_dist_train)
     b = sub.add_parser("bench", help="run a benchmark (writes JSON, a table and a plot)")
-    b.add_argument("what", choices=["act", "codec", "quant", "explain", "kernels", "ptq", "onceqat", "smartdeal"])
+    b.add_argument("what", choices=["act", "codec", "quant", "explain", "kernels", "ptq", "onceqat", "smartdeal", "acsgd"])
     b.add_argument("--budgets", default="8,16,32,64,128", help="explain: evaluations per feature")
     b.add_argument("--instances", type=int, default=None, help="explain: first N test rows (default all)")
     b.add_argument("--no-shap", action="store_true", help="explain: skip the shap library rows")
@@ -313,6 +389,8 @@ def main(argv=None) -> int:
         args.out = f"results/{args.what}"
     if args.cmd == "quantize" and args.recipe != "float" and args.recipe not in _recipe_names():
         p.error(f"unknown recipe {args.recipe!r}: choose one of float, {', '.join(_recipe_names())}")
+    if args.cmd == "dist-train":
+        args.grad_bits, args.dp_bits = args.grad_bits or None, args.dp_bits or None
     if getattr(args, "method", None) == "uniform" and args.bits not in (1, 2, 4, 8):
         p.error(f"--bits {args.bits:g} is not supported by uniform: choose 1, 2, 4 or 8")
     return args.func(args)

@@ -18,7 +18,7 @@ import torch.distributed as dist
 from torch import nn
 
 from lowbit.codecs import UniformCodec
-from lowbit.distributed.bandwidth import simulated_step_time
+from lowbit.distributed.bandwidth import parse_bandwidth, simulated_step_time
 from lowbit.distributed.channels import MODES, ActivationChannel, GradientChannel
 from lowbit.distributed.gradcomp import allreduce_gradients
 from lowbit.distributed.task import PipelineTask
@@ -48,7 +48,7 @@ class PipelineConfig:
     mode: str = "fp32"
     bits: int = 4
     grad_bits: int | None = None
-    group_size: int = 128
+    group_size: int = 256
     warmup_epochs: int = 1
     memory: str = "memory"
     memory_dtype: str = "float32"
@@ -61,6 +61,7 @@ class PipelineConfig:
     checkpoint_every: int = 0
     resume: bool = False
     progress: bool = False
+    bandwidths: tuple[str, ...] = ("100Mbps", "1Gbps")
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -73,6 +74,8 @@ class PipelineConfig:
                              f"({self.replicas} x {self.micro_batches}): some micro-batch would be empty")
         if self.warmup_epochs < 0:
             raise ValueError(f"warmup_epochs must be >= 0, got {self.warmup_epochs}")
+        for bw in self.bandwidths:
+            parse_bandwidth(bw)
         if self.checkpoint_every and not self.checkpoint_dir:
             raise ValueError("checkpoint_every needs checkpoint_dir")
 
@@ -292,7 +295,7 @@ def train_pipeline(task: PipelineTask, cfg: PipelineConfig, device: torch.device
     return merge_results(gathered, cfg) if rank == 0 else None
 
 
-def merge_results(per_rank: list[dict], cfg: PipelineConfig, bandwidths: tuple[str, ...] = ("100Mbps", "1Gbps")) -> dict:
+def merge_results(per_rank: list[dict], cfg: PipelineConfig) -> dict:
     """Loss per step (summed over replicas), bytes per step by kind and per link, simulated step
     times at each bandwidth (see :func:`simulated_step_time`)."""
     per_rank = sorted(per_rank, key=lambda r: r["rank"])
@@ -317,7 +320,7 @@ def merge_results(per_rank: list[dict], cfg: PipelineConfig, bandwidths: tuple[s
     steady = [t for t in range(n_steps) if not per_rank[0]["warm"][t]] or list(range(n_steps))
     steady_bytes = {k: statistics.mean(bytes_per_step[t][k] for t in steady) for k in kinds}
     sims = {}
-    for bw in bandwidths:
+    for bw in cfg.bandwidths:
         times = [simulated_step_time(compute[t], link_bytes[t], dp_bytes[t], bw) for t in steady]
         sims[bw] = statistics.median(times)
     return {"config": asdict(cfg), "losses": losses, "bytes_per_step": bytes_per_step, "link_bytes": link_bytes,
