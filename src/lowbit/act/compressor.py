@@ -24,7 +24,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from lowbit.act.gact import GactPolicy, TensorStat, flat_grad
+from lowbit.act.gact import TensorStat, flat_grad
 from lowbit.act.policy import NonePolicy, Policy, make_policy
 from lowbit.act.report import MemoryReport, ReportRow
 from lowbit.codecs import IndexCodec, MaskCodec, Packed, UniformCodec
@@ -143,14 +143,17 @@ class ActivationCompressor:
         **options,
     ):
         self.policy: Policy = make_policy(method, bits, **options)
+        if getattr(self.policy, "needs_model", False) and model is None:
+            raise ValueError(f"method {method!r} needs model= (to know which saved tensors belong to which module)")
         self.method = method
         self.model = model
         self.min_numel = int(min_numel)
         self._uniform = UniformCodec(bits=8, group_size=group_size, seed=seed)
-        self._codecs = {"uniform": self._uniform, "mask": MaskCodec(), "index": IndexCodec()}
+        self._codecs = {"uniform": self._uniform, "mask": MaskCodec(), "index": IndexCodec(), **self.policy.codecs()}
         self._hooks: list[torch.autograd.graph.saved_tensors_hooks] = []
         self._module_stack: list[str] = []
         self._module_handles: list = []
+        self._modules: dict[str, nn.Module] = {}
         self._param_ptrs: set[int] = set()
         self._cache: dict[tuple, tuple[weakref.ref, weakref.ref]] = {}
         self._index = 0
@@ -240,16 +243,31 @@ class ActivationCompressor:
                 entry = _Entry("float", raw=base, index=index)
                 self._probe_stat(index, base)
             else:
-                bits = self.policy.bits_for(index, base)
-                if bits is None:
-                    entry = _Entry("float", raw=base, index=index)
-                else:
-                    packed = self._uniform.encode(base, bits=bits, group_size=self._group_for(base))
-                    entry = _Entry("float", packed=packed, index=index)
+                packed = self.policy.encode(index, base, self)
+                entry = _Entry("float", raw=base, index=index) if packed is None else _Entry("float", packed=packed, index=index)
         stored = entry.packed.nbytes if entry.packed is not None else raw_bytes
         bits_used = entry.packed.info.get("bits", 32) if entry.kind == "float" and entry.packed is not None else 32
         self._account(entry, t, raw_bytes, stored, bits_used)
         return entry
+
+    @property
+    def uniform_codec(self) -> UniformCodec:
+        """The per-group uniform codec policies share (its generator drives stochastic rounding)."""
+        return self._uniform
+
+    def current_module(self) -> tuple[str, nn.Module | None]:
+        """(name, module) innermost in the forward right now (needs ``model=``; else ("-", None))."""
+        if not self._module_stack:
+            return "-", None
+        label = self._module_stack[-1]
+        return label, self._modules.get(label)
+
+    def enclosing_modules(self) -> list[nn.Module]:
+        """Every module whose forward is running right now, innermost first."""
+        return [self._modules[l] for l in reversed(self._module_stack) if l in self._modules]
+
+    def group_for(self, t: torch.Tensor) -> int:
+        return self._group_for(t)
 
     def _group_for(self, t: torch.Tensor) -> int:
         """Groups that follow the tensor's structure, so each gets its own range:
@@ -280,9 +298,13 @@ class ActivationCompressor:
                 )
             )
         entry = saved.entry
-        if self._probe is not None and entry.kind == "float" and entry.index == self._probe.get("noisy"):
+        noisy = self._probe.get("noisy") if self._probe is not None else None
+        if noisy is not None and entry.kind == "float" and entry.index == noisy:
             raw = entry.raw
             base = self._uniform.decode(self._uniform.encode(raw, bits=self._probe["bits"], group_size=self._group_for(raw)))
+        elif noisy == "policy" and entry.kind == "float" and entry.raw is not None:
+            packed = self.policy.encode(entry.index, entry.raw, self)  # every tensor as the policy would store it
+            base = entry.raw if packed is None else self._codecs[packed.codec].decode(packed)
         else:
             base = entry.decode(self._codecs)
         if entry.full_storage:
@@ -345,6 +367,7 @@ class ActivationCompressor:
     def _watch_modules(self, model: nn.Module) -> None:
         for name, mod in model.named_modules():
             label = name or type(model).__name__
+            self._modules[label] = mod
 
             def pre(_m, _inp, label=label):
                 self._module_stack.append(label)
@@ -369,7 +392,7 @@ class ActivationCompressor:
         ``closure`` recomputes the loss on a batch (forward only, no backward); GACT calls it
         every ``interval`` steps to measure per-tensor sensitivities. Without it GACT keeps its
         current widths."""
-        if isinstance(self.policy, GactPolicy) and closure is not None and self.policy.due(self._steps):
+        if self.policy.adaptive and closure is not None and self.policy.due(self._steps):
             self.estimate(closure)
         self._steps += 1
         if self._rows:
@@ -377,11 +400,12 @@ class ActivationCompressor:
         self._reset_counts()
 
     def estimate(self, closure: Callable[[], torch.Tensor]) -> dict[int, float]:
-        """Measure GACT sensitivities on one batch and reallocate bits; returns {index: c_l}."""
-        if not isinstance(self.policy, GactPolicy):
+        """Measure per-tensor gradient sensitivities on one batch and let the adaptive policy
+        (GACT: bits, COMET: error bounds) re-decide; returns {index: c_l}."""
+        if not self.policy.adaptive:
             raise RuntimeError(f"method {self.method!r} has nothing to estimate")
         if self.model is None:
-            raise ValueError("GACT needs model= to measure sensitivities (the gradient w.r.t. its parameters)")
+            raise ValueError(f"{self.method} needs model= to measure sensitivities (the gradient w.r.t. its parameters)")
         params = [p for p in self.model.parameters() if p.requires_grad]
         buffers = {k: v.clone() for k, v in self.model.state_dict().items() if not isinstance(v, nn.Parameter)}
         self._probe = {"stats": {}, "bits": None, "noisy": None}
@@ -390,7 +414,7 @@ class ActivationCompressor:
             with self:
                 loss = closure()
             if not isinstance(loss, torch.Tensor) or loss.dim() != 0 or not loss.requires_grad:
-                raise TypeError("the GACT closure must return the scalar loss of a forward pass (no backward)")
+                raise TypeError("the estimate closure must return the scalar loss of a forward pass (no backward)")
             exact = flat_grad(loss, params)
             stats: dict[int, TensorStat] = self._probe["stats"]
             draws = self.policy.probe_draws
@@ -400,6 +424,15 @@ class ActivationCompressor:
                 err = sum(float((flat_grad(loss, params) - exact).pow(2).sum()) for _ in range(draws)) / draws
                 variance = stats[i].rsq / float((1 << bits) - 1) ** 2
                 measured[i] = err / variance if variance > 0 else 0.0
+            self.policy.update(stats, measured, grad_sq=float(exact.pow(2).sum()))
+            if hasattr(self.policy, "calibrate"):  # closed loop: the policy checks its whole setting
+                self._probe["noisy"] = "policy"
+
+                def rel_error() -> float:
+                    err = sum(float((flat_grad(loss, params) - exact).pow(2).sum()) for _ in range(draws)) / draws
+                    return (err / max(float(exact.pow(2).sum()), 1e-30)) ** 0.5
+
+                self.policy.calibrate(rel_error)
             del loss
         finally:
             self._probe = None
@@ -407,7 +440,6 @@ class ActivationCompressor:
                 for k, v in self.model.state_dict().items():
                     if k in buffers:
                         v.copy_(buffers[k])
-        self.policy.update(stats, measured)
         return measured
 
     def _probe_stat(self, index: int, base: torch.Tensor) -> None:

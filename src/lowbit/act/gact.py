@@ -127,7 +127,14 @@ class GactPolicy(Policy):
         self._cursor += self.max_probes
         return [indices[(start + k) % len(indices)] for k in range(self.max_probes)]
 
-    def update(self, stats: dict[int, TensorStat], measured: dict[int, float]) -> None:
+    def update(self, stats: dict[int, TensorStat], measured: dict[int, float], **_) -> None:
+        self.smooth(stats, measured)
+        self.assigned = allocate_bits(stats, self.bits)
+        self.estimates += 1
+
+    def smooth(self, stats: dict[int, TensorStat], measured: dict[int, float]) -> None:
+        """Fold the new measurements into each tensor's sensitivity (exponential moving average);
+        tensors not probed this time keep their previous estimate."""
         for i, s in stats.items():
             old = self.stats.get(i)
             c = measured.get(i)
@@ -137,8 +144,6 @@ class GactPolicy(Policy):
                 c = old.sensitivity
             s.sensitivity = c
         self.stats = stats
-        self.assigned = allocate_bits(stats, self.bits)
-        self.estimates += 1
 
 
 def flat_grad(loss: torch.Tensor, params: list[torch.Tensor]) -> torch.Tensor:

@@ -1,12 +1,20 @@
-"""Policies decide, per saved floating tensor, how many bits it gets. A registry maps each
-``method=`` name to its policy class, so a new method is one new class and nothing else changes."""
+"""Policies decide, per saved floating tensor, how it is stored. A registry maps each ``method=``
+name to its policy class, so a new method is one new class and nothing else changes.
+
+The default :meth:`Policy.encode` asks :meth:`Policy.bits_for` for a width and uses the
+compressor's per-group uniform codec; a policy with its own codec overrides ``encode`` and lists
+the codec in :meth:`Policy.codecs` so the compressor can decode what it made."""
 from __future__ import annotations
 
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
+from lowbit.codecs import Packed
 from lowbit.codecs.uniform import check_bits
+
+if TYPE_CHECKING:
+    from lowbit.act.compressor import ActivationCompressor
 
 POLICIES: dict[str, type["Policy"]] = {}
 
@@ -33,6 +41,17 @@ class Policy:
 
     def bits_for(self, index: int, t: torch.Tensor) -> int | None:
         raise NotImplementedError
+
+    def encode(self, index: int, t: torch.Tensor, act: "ActivationCompressor") -> Packed | None:
+        """The ``index``-th saved floating tensor of the step -> its encoding, or None to keep it raw."""
+        bits = self.bits_for(index, t)
+        if bits is None:
+            return None
+        return act.uniform_codec.encode(t, bits=bits, group_size=act.group_for(t))
+
+    def codecs(self) -> dict:
+        """{name: codec} of the codecs this policy's encodings need for decoding (besides uniform)."""
+        return {}
 
     def describe(self) -> str:
         return self.name

@@ -1,5 +1,6 @@
-"""`lowbit bench act`: none / uniform 8-4-2 / gact on the ResNet, ViT (Fashion-MNIST) and the
-character GPT (fortunes), with the same seed, data order and schedule for every method.
+"""`lowbit bench act`: none / uniform 8-4-2 / gact (``--all``: also torch.utils.checkpoint,
+DIVISION, COMET and Mesa) on the ResNet, ViT (Fashion-MNIST) and the character GPT (fortunes),
+with the same seed, data order and schedule for every method.
 
 Per (model, method): final test accuracy or validation loss and its difference to none, the
 median step time and its ratio to none (same process), lowbit's byte accounting, the memory
@@ -16,9 +17,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from lowbit.act import ActivationCompressor
 from lowbit.bench.common import (
     METHODS,
+    make_compressor,
     fortunes_corpus,
     image_data,
     markdown_table,
@@ -26,7 +27,10 @@ from lowbit.bench.common import (
     reference_model,
     save_results,
 )
+from lowbit.act import ActivationCompressor
+from lowbit.act.policy import Policy
 from lowbit.bench.memory import measure_held_memory
+from lowbit.codecs import FrequencySplitCodec, Packed, RawCodec
 from lowbit.train import train_classifier, train_lm
 
 DEFAULTS = {
@@ -58,8 +62,8 @@ def gradient_quality(model_name: str, method: str, bits, batch, loss_fn, draws: 
         return torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.grad is not None])
 
     exact = grad(None)
-    act = ActivationCompressor(method, bits=bits, model=model, seed=seed)
-    if method == "gact":
+    act = make_compressor(method, bits, model, seed)
+    if act.policy.adaptive:
         act.estimate(lambda: loss_fn(model(x), y))
     cos, rel = [], []
     for _ in range(draws):
@@ -94,7 +98,7 @@ def run(models=("resnet", "vit", "gpt"), methods=METHODS, quick: bool = False, o
         for method, bits in methods:
             label = method_label(method, bits)
             model = reference_model(model_name, **model_kwargs, seed=seed)
-            act = ActivationCompressor(method, bits=bits, model=model, seed=seed)
+            act = make_compressor(method, bits, model, seed)
             desc = f"{model_name}/{label}"
             t0 = time.perf_counter()
             if model_name == "gpt":
@@ -109,6 +113,9 @@ def run(models=("resnet", "vit", "gpt"), methods=METHODS, quick: bool = False, o
                 "lowbit_raw_bytes": r.report.get("raw_bytes"), "lowbit_stored_bytes": r.report.get("stored_bytes"),
                 "lowbit_ratio": r.report.get("ratio"), "loss_curve": r.train_losses[:: max(1, len(r.train_losses) // 100)],
             }
+            if method == "comet":  # the adaptive bounds: per saved tensor, after each estimate
+                row["comet_bounds"] = [{str(k): v for k, v in h.items()} for h in act.policy.history]
+                row["comet_measured_error"] = act.policy.measured_error
             row.update(gradient_quality(model_name, method, bits, batch, loss_fn, draws=2 if quick else 8, seed=seed))
             if memory:
                 mem = measure_held_memory(model_name, method, bits, cfg["batch_size"])
@@ -122,8 +129,54 @@ def run(models=("resnet", "vit", "gpt"), methods=METHODS, quick: bool = False, o
             results["rows"].append(row)
             log(f"{desc}: {r.metric_name}={r.metric:.4g} (delta {row['metric_delta']:+.3g}), step x{row['time_ratio']:.2f}, "
                 f"memory x{row.get('memory_ratio', float('nan')):.1f}, grad cos {row['grad_cosine']:.4f}")
+    if "resnet" in models and any(m == "division" for m, _ in methods):
+        results["division_observation"] = division_observation(quick=quick, seed=seed)
     save_results(results, out, "act", table_markdown, plot, log)
     return results
+
+
+class _SplitOnly(Policy):
+    """Backward sees only the low- (or only the high-) frequency part of every saved float tensor
+    (exact zeros kept, as the DIVISION codec keeps them)."""
+
+    def __init__(self, part: str):
+        self.part, self.split = part, FrequencySplitCodec()
+
+    def encode(self, index, t, act):
+        low, high = self.split.low_high(t)
+        kept = (low if self.part == "low" else high) * (t != 0)
+        return Packed("raw", t.shape, t.dtype, t.device, {"data": kept.to(t.dtype)})
+
+    def codecs(self):
+        return {"raw": RawCodec()}
+
+
+def division_observation(quick: bool = False, seed: int = 0, batches: int = 4) -> dict:
+    """DIVISION's motivating measurement on the ResNet: parameter-gradient error when backward sees
+    only the LFC (8x8 block means) or only the HFC (the residual) of the activations."""
+    (x, y), _, data_name = image_data(limit=64 * batches, test_limit=1, notice=lambda *a: None)
+    model = reference_model("resnet", image_size=x.shape[-1], seed=seed)
+    model.eval()
+    out = {"data": data_name, "low": {"cos": [], "rel": []}, "high": {"cos": [], "rel": []}}
+    for xb, yb in zip(x.split(64), y.split(64)):
+        model.zero_grad(set_to_none=True)
+        F.cross_entropy(model(xb), yb).backward()
+        exact = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+        for part in ("low", "high"):
+            act = ActivationCompressor("none", model=model)
+            act.policy = _SplitOnly(part)
+            act._codecs.update(act.policy.codecs())
+            model.zero_grad(set_to_none=True)
+            with act:
+                loss = F.cross_entropy(model(xb), yb)
+            loss.backward()
+            act.close()
+            g = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+            out[part]["cos"].append(float(F.cosine_similarity(g, exact, dim=0)))
+            out[part]["rel"].append(float((g - exact).pow(2).sum() / exact.pow(2).sum()))
+    for part in ("low", "high"):
+        out[part] = {k: statistics.mean(v) for k, v in out[part].items()}
+    return out
 
 
 def table_markdown(results: dict) -> str:
@@ -137,7 +190,25 @@ def table_markdown(results: dict) -> str:
             round(held / 2**20, 2) if held is not None else "-", round(r.get("memory_ratio", float("nan")), 1),
             round(r["lowbit_ratio"], 1), round(r["grad_cosine"], 4), round(r["time_ratio"], 2),
         ])
-    return markdown_table(headers, rows)
+    text = markdown_table(headers, rows)
+    obs = results.get("division_observation")
+    if obs:
+        text += (f"\n\nDIVISION's observation (ResNet, {obs['data']}, untrained weights, 4 batches): backward with only "
+                 f"the low-frequency part gives gradient cosine {obs['low']['cos']:.4f} (relative squared error "
+                 f"{obs['low']['rel']:.3f}); with only the high-frequency part {obs['high']['cos']:.4f} "
+                 f"({obs['high']['rel']:.3f}).")
+    for r in results["rows"]:
+        if r.get("comet_bounds"):
+            h = r["comet_bounds"]
+            first, last = h[0], h[-1]
+            keys = sorted(first, key=int)
+            ratio = [last[k] / first[k] for k in keys if k in last and first[k] > 0]
+            text += (f"\n\nCOMET on {r['model']}: {len(h)} estimates; error bounds per saved tensor range "
+                     f"{min(first.values()):.2e}..{max(first.values()):.2e} at the first and "
+                     f"{min(last.values()):.2e}..{max(last.values()):.2e} at the last; last/first per tensor "
+                     f"{min(ratio):.2f}..{max(ratio):.2f}; measured relative gradient error at the last estimate "
+                     f"{r['comet_measured_error']:.3f}.")
+    return text
 
 
 def plot(results: dict, path: Path) -> None:

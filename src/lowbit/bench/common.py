@@ -12,6 +12,20 @@ from lowbit.data import CharCorpus, DatasetNotFound, load_fortunes, load_images
 from lowbit.models import build_model
 
 METHODS: list[tuple[str, float | None]] = [("none", None), ("uniform", 8), ("uniform", 4), ("uniform", 2), ("gact", 2)]
+# `lowbit bench act --all`: every method, plus torch.utils.checkpoint, the baseline users have today
+ALL_METHODS: list[tuple[str, float | None]] = [("none", None), ("checkpoint", None), ("uniform", 8), ("uniform", 4),
+                                               ("uniform", 2), ("gact", 2), ("division", 2), ("comet", None), ("mesa", None)]
+
+
+def make_compressor(method: str, bits: float | None, model: torch.nn.Module, seed: int = 0):
+    """The ActivationCompressor for a benchmark row; ``"checkpoint"`` wraps the model's blocks in
+    torch.utils.checkpoint (in place) and accounts the rest like ``"none"``."""
+    from lowbit.act import ActivationCompressor, checkpoint_blocks
+
+    if method == "checkpoint":
+        checkpoint_blocks(model)
+        return ActivationCompressor("none", model=model, seed=seed)
+    return ActivationCompressor(method, bits=bits, model=model, seed=seed)
 
 
 def method_label(method: str, bits: float | None) -> str:

@@ -19,7 +19,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from lowbit.act import ActivationCompressor
+from lowbit.bench.common import make_compressor
 
 _CHILD_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0", "MALLOC_ARENA_MAX": "1"}
 
@@ -68,7 +68,7 @@ def _batch(model_name: str, batch_size: int, device: str):
 def _child(args) -> dict:
     torch.manual_seed(0)
     model, x, y, loss_fn = _batch(args.model, args.batch_size, args.device)
-    act = ActivationCompressor(args.method, bits=args.bits, model=model)
+    act = make_compressor(args.method, args.bits, model)
     cuda = args.device.startswith("cuda")
     held, peak = [], []
     for r in range(args.repeats + 2):  # two warm-up steps: lazy allocations, kernel compilation

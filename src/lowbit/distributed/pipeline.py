@@ -250,6 +250,16 @@ class _Stage:
                 "memory_bytes": sum(getattr(c, "memory").nbytes for c in self.channels().values() if getattr(c, "memory", None) is not None)}
 
 
+def _numba_threads(n: int) -> None:
+    """The codecs' numba kernels run their own thread pool: keep it to this rank's share of the cores."""
+    try:
+        import numba
+
+        numba.set_num_threads(max(1, min(n, numba.config.NUMBA_NUM_THREADS)))
+    except (ImportError, ValueError):
+        pass
+
+
 def _world_agrees(value: int, what: str) -> None:
     lo, hi = torch.tensor([value]), torch.tensor([-value])
     dist.all_reduce(lo, op=dist.ReduceOp.MIN)
@@ -267,6 +277,7 @@ def train_pipeline(task: PipelineTask, cfg: PipelineConfig, device: torch.device
     device = device or torch.device("cpu")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+        _numba_threads(cfg.threads)
     st = _Stage(task, cfg, rank, device)
     for s in range(cfg.stages):  # every rank creates every group, in the same order
         g = dist.new_group([r * cfg.stages + s for r in range(cfg.replicas)]) if cfg.replicas > 1 else None

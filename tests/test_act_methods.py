@@ -1,0 +1,247 @@
+"""DIVISION, COMET and Mesa: their codecs against plain float references, and their policies in
+ActivationCompressor; the torch.utils.checkpoint baseline."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lowbit.act import ActivationCompressor, checkpoint_blocks, remove_checkpoints
+from lowbit.bench.common import image_data
+from lowbit.codecs import ErrorBoundedCodec, FrequencySplitCodec, HeadwiseCodec
+from lowbit.models import CharGPT, ResNet, ViT
+
+
+def _grad(model, loss_fn, act=None):
+    model.zero_grad(set_to_none=True)
+    if act is None:
+        loss = loss_fn()
+    else:
+        with act:
+            loss = loss_fn()
+    loss.backward()
+    return torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.grad is not None])
+
+
+def _cos(a, b):
+    return float(F.cosine_similarity(a, b, dim=0))
+
+
+def _images(n=64):
+    (x, y), _, _ = image_data(limit=n, test_limit=1, notice=lambda *a: None)
+    return x[:n], y[:n]
+
+
+def _real_activations():
+    """Every float tensor a ResNet saves for backward on real images."""
+    x, y = _images(32)
+    model = ResNet(image_size=x.shape[-1]) if "image_size" in ResNet.__init__.__code__.co_varnames else ResNet()
+    saved = []
+
+    def pack(t):
+        if t.dtype.is_floating_point and t.numel() > 1000 and not isinstance(t, nn.Parameter):
+            saved.append(t.detach().clone())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        F.cross_entropy(model(x), y)
+    return saved
+
+
+# --- DIVISION's frequency split ---------------------------------------------------------------
+
+@pytest.mark.parametrize("shape", [(4, 8, 28, 28), (4, 8, 7, 7), (3, 65, 64), (1000,)])
+def test_frequency_split_low_plus_high_is_exact_and_decoding_errs_only_in_the_hfc(shape):
+    t = torch.randn(shape).cumsum(-1) / 4
+    codec = FrequencySplitCodec(block=8, hfc_bits=4, keep_zeros=False)
+    low, high = codec.low_high(t)
+    assert torch.allclose(low + high, t, atol=1e-5)
+    out = codec.decode(codec.encode(t))
+    assert out.shape == t.shape and out.dtype == t.dtype
+    # error per element at most one HFC quantization step (stochastic rounding), and much below the HFC itself
+    step = (high.max() - high.min()) / 15
+    assert (out - t).abs().max() <= step + 1e-4
+    assert (out - t).pow(2).mean() < 0.05 * high.pow(2).mean()
+
+
+def test_frequency_split_keeps_relu_zeros_exactly_and_compresses():
+    t = torch.relu(torch.randn(8, 16, 28, 28))
+    p = FrequencySplitCodec(hfc_bits=2).encode(t)
+    out = FrequencySplitCodec(hfc_bits=2).decode(p)
+    assert torch.equal(out == 0, t == 0)
+    assert p.bits_per_element < 4  # vs 32 for float32
+    assert "nonzero" not in FrequencySplitCodec().encode(torch.randn(4, 4, 16, 16)).payload
+
+
+def test_frequency_split_rejects_bad_input():
+    with pytest.raises(TypeError):
+        FrequencySplitCodec().encode(torch.ones(4, dtype=torch.int64))
+    with pytest.raises(ValueError):
+        FrequencySplitCodec(block=0)
+    assert FrequencySplitCodec().decode(FrequencySplitCodec().encode(torch.empty(0, 3))).shape == (0, 3)
+
+
+# --- COMET's error-bounded codec --------------------------------------------------------------
+
+@pytest.mark.parametrize("scale,eb", [(1.0, 1e-2), (1.0, 1e-4), (1000.0, 1e-1), (1e-3, 1e-6), (50.0, 3.0)])
+def test_error_bound_holds_for_every_element_of_random_tensors(scale, eb):
+    g = torch.Generator().manual_seed(int(scale * 7) % 1000)
+    t = torch.randn(3, 50, 70, generator=g) * scale
+    t[0, 0, :5] = torch.tensor([0.0, -0.0, scale * 10, -scale * 10, eb])
+    out = ErrorBoundedCodec(eb).decode(ErrorBoundedCodec(eb).encode(t))
+    assert out.dtype == t.dtype and out.shape == t.shape
+    assert (out - t).abs().max().item() <= eb
+
+
+def test_error_bound_holds_on_real_activations_and_compresses_them():
+    acts = _real_activations()
+    assert len(acts) > 5
+    for t in acts:
+        eb = 0.01 * float(t.max() - t.min())
+        p = ErrorBoundedCodec(eb).encode(t)
+        assert (ErrorBoundedCodec().decode(p) - t).abs().max().item() <= eb
+        assert p.bits_per_element < 16
+
+
+def test_error_bounded_codec_edge_cases():
+    t = torch.tensor([1.0, float("nan"), 2.0])
+    p = ErrorBoundedCodec(0.1).encode(t)
+    assert p.info["mode"] == "raw" and torch.equal(ErrorBoundedCodec().decode(p).isnan(), t.isnan())
+    tiny = ErrorBoundedCodec(1e-12).encode(torch.full((10,), 1e6))  # below float32 resolution: exact
+    assert torch.equal(ErrorBoundedCodec().decode(tiny), torch.full((10,), 1e6))
+    for bad in (0, -1.0, float("inf"), True):
+        with pytest.raises(ValueError, match="error bound"):
+            ErrorBoundedCodec(bad)
+    with pytest.raises(TypeError):
+        ErrorBoundedCodec().encode(torch.ones(3, dtype=torch.int32))
+
+
+# --- Mesa's head-wise codec -------------------------------------------------------------------
+
+def test_headwise_codec_error_within_half_a_step_per_head_and_clips_outside():
+    t = torch.randn(2, 4, 10, 10) * torch.tensor([0.1, 1.0, 10.0, 100.0]).view(1, 4, 1, 1)
+    lo, hi = t.amin(dim=(0, 2, 3)), t.amax(dim=(0, 2, 3))
+    p = HeadwiseCodec().encode(t, lo, hi)
+    out = HeadwiseCodec().decode(p)
+    step = (hi - lo) / 255
+    assert ((out - t).abs() <= step.view(1, 4, 1, 1) / 2 + 1e-6).all()  # each head at its own resolution
+    narrow = HeadwiseCodec().decode(HeadwiseCodec().encode(t, lo / 2, hi / 2))
+    assert torch.allclose(narrow.amax(dim=(0, 2, 3)), hi / 2, atol=1e-4)
+    with pytest.raises(ValueError, match="ranges"):
+        HeadwiseCodec().encode(t, lo[:3], hi[:3])
+
+
+# --- the policies in ActivationCompressor -------------------------------------------------------
+
+def test_division_keeps_resnet_gradients_close_at_high_compression():
+    x, y = _images()
+    model = ResNet()
+    model.eval()
+    exact = _grad(model, lambda: F.cross_entropy(model(x), y))
+    act = ActivationCompressor("division", bits=2, model=model)
+    g = _grad(model, lambda: F.cross_entropy(model(x), y), act)
+    rep = act.report()
+    assert _cos(g, exact) > 0.95
+    assert rep.raw_bytes / rep.stored_bytes > 8
+
+
+def test_comet_adapts_a_bound_per_tensor_to_the_gradient_tolerance():
+    x, y = _images(16)
+    model = ResNet()
+    model.eval()
+    loss = lambda: F.cross_entropy(model(x), y)  # noqa: E731
+    exact = _grad(model, loss)
+    act = ActivationCompressor("comet", model=model, tolerance=0.1, interval=1, probe_draws=1, max_probes=4)
+    act.estimate(loss)
+    bounds = act.policy.error_bounds
+    assert len(bounds) > 5 and len({round(v, 12) for v in bounds.values()}) > 5  # one bound per saved tensor
+    assert act.policy.measured_error <= 0.1 + 1e-9
+    g = _grad(model, loss, act)
+    assert _cos(g, exact) > 0.98
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    model.train()
+    for _ in range(3):  # training moves the weights; the next estimate moves the bounds
+        with act:
+            l = loss()
+        l.backward()
+        opt.step()
+        opt.zero_grad()
+    act.step(loss)
+    assert act.policy.error_bounds != bounds and len(act.policy.history) == 2
+
+
+def test_comet_rejects_bad_tolerance():
+    with pytest.raises(ValueError, match="tolerance"):
+        ActivationCompressor("comet", model=ResNet(), tolerance=2.0)
+
+
+def test_mesa_quantizes_attention_head_wise_on_hand_written_and_torch_attention():
+    x, y = _images(16)
+    vit = ViT()
+    vit.eval()
+    exact = _grad(vit, lambda: F.cross_entropy(vit(x), y))
+    act = ActivationCompressor("mesa", model=vit)
+    g = _grad(vit, lambda: F.cross_entropy(vit(x), y), act)
+    assert act.policy.headwise_count > 0 and _cos(g, exact) > 0.999
+    rep = act.report()
+    assert 3.3 < rep.raw_bytes / rep.stored_bytes <= 4.0
+
+    class TorchAttn(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(50, 64)
+            self.attn = nn.MultiheadAttention(64, 4, batch_first=True)
+            self.out = nn.Linear(64, 50)
+
+        def forward(self, ids):
+            h = self.emb(ids)
+            return self.out(self.attn(h, h, h, need_weights=False)[0])
+
+    m = TorchAttn()
+    ids = torch.randint(0, 50, (8, 64))
+    loss = lambda: F.cross_entropy(m(ids).reshape(-1, 50), ids.reshape(-1))  # noqa: E731
+    exact = _grad(m, loss)
+    act = ActivationCompressor("mesa", model=m, min_numel=1024)
+    g = _grad(m, loss, act)
+    assert act.policy.headwise_count > 0 and _cos(g, exact) > 0.999
+
+
+def test_mesa_needs_the_model():
+    with pytest.raises(ValueError, match="model="):
+        ActivationCompressor("mesa")
+
+
+@pytest.mark.parametrize("make", [ResNet, ViT, lambda: CharGPT(vocab_size=40)])
+def test_checkpoint_blocks_gives_the_same_gradients(make):
+    torch.manual_seed(0)
+    model = make()
+    model.eval()
+    x = torch.randint(0, 40, (4, 32)) if isinstance(model, CharGPT) else torch.randn(8, 1, 28, 28)
+    loss = lambda: model(x).float().pow(2).mean()  # noqa: E731
+    exact = _grad(model, loss)
+    blocks = checkpoint_blocks(model)
+    assert len(blocks) >= 3
+    assert torch.allclose(_grad(model, loss), exact, rtol=1e-4, atol=1e-6)
+    remove_checkpoints(model)
+    assert all("forward" not in b.__dict__ for b in blocks)
+    with pytest.raises(ValueError, match="composite"):
+        checkpoint_blocks(nn.Linear(3, 3))
+
+
+@pytest.mark.parametrize("method,bits", [("division", 2), ("comet", None), ("mesa", None)])
+def test_each_method_trains_a_model_on_real_data(method, bits):
+    x, y = _images(320)
+    torch.manual_seed(0)
+    model = ViT() if method == "mesa" else ResNet()
+    opts = {"interval": 100, "probe_draws": 1, "max_probes": 4} if method == "comet" else {}
+    act = ActivationCompressor(method, bits=bits, model=model, **opts)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for xb, yb in zip(x.split(32), y.split(32)):
+        with act:
+            loss = F.cross_entropy(model(xb), yb)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(float(loss.detach()))
+    assert act.report().stored_bytes < act.report().raw_bytes / 3
+    assert sum(losses[-3:]) / 3 < 0.8 * sum(losses[:3]) / 3
