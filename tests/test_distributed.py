@@ -104,6 +104,12 @@ def test_config_rejects_nonsense():
         PipelineConfig(mode="zip")
     with pytest.raises(ValueError, match="micro-batch would be empty"):
         PipelineConfig(batch_size=4, micro_batches=8)
+    with pytest.raises(ValueError, match="unsupported bits"):
+        PipelineConfig(mode="acsgd", bits=3)
+    with pytest.raises(ValueError, match="unsupported bits"):
+        PipelineConfig(grad_bits=5)
+    with pytest.raises(ValueError, match="bandwidth"):
+        PipelineConfig(bandwidths=("quick",))
 
 
 # --- real process groups on loopback (gloo) ----------------------------------------------------

@@ -18,6 +18,7 @@ import torch.distributed as dist
 from torch import nn
 
 from lowbit.codecs import UniformCodec
+from lowbit.codecs.uniform import check_bits
 from lowbit.distributed.bandwidth import parse_bandwidth, simulated_step_time
 from lowbit.distributed.channels import MODES, ActivationChannel, GradientChannel
 from lowbit.distributed.gradcomp import allreduce_gradients
@@ -76,6 +77,10 @@ class PipelineConfig:
             raise ValueError(f"warmup_epochs must be >= 0, got {self.warmup_epochs}")
         for bw in self.bandwidths:
             parse_bandwidth(bw)
+        check_bits(self.bits)
+        for name in ("grad_bits", "dp_bits"):
+            if getattr(self, name) is not None:
+                check_bits(getattr(self, name))
         if self.checkpoint_every and not self.checkpoint_dir:
             raise ValueError("checkpoint_every needs checkpoint_dir")
 
