@@ -37,7 +37,7 @@ def _train(args) -> int:
         ["peak saved-tensor memory (MiB)", round(rep["peak_stored_bytes"] / 2**20, 2)],
         ["peak process RSS (MiB)", round(peak_rss, 1)],
         ["median step time (ms)", round(r.median_step_time * 1e3, 1)],
-        ["GACT estimation time (s, total)", round(sum(r.estimate_times), 2)],
+        ["sensitivity estimation time (s, total; gact, comet)", round(sum(r.estimate_times), 2)],
     ]
     print(markdown_table(["quantity", "value"], rows))
     if args.verbose:
