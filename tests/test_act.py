@@ -4,26 +4,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from _grad_helpers import cos as _cos, grad as _grad
+
 from lowbit.act import ActivationCompressor, allocate_bits
 from lowbit.act.gact import TensorStat
 from lowbit.bench.common import fortunes_corpus, image_data
 from lowbit.data import DatasetNotFound
 from lowbit.models import CharGPT, MLP, ResNet, ViT
-
-
-def _grad(model, loss_fn, act=None):
-    model.zero_grad(set_to_none=True)
-    if act is None:
-        loss = loss_fn()
-    else:
-        with act:
-            loss = loss_fn()
-    loss.backward()
-    return torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.grad is not None])
-
-
-def _cos(a, b):
-    return float(F.cosine_similarity(a, b, dim=0))
 
 
 def _text_ids(n: int, block: int):

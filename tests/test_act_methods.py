@@ -5,25 +5,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from _grad_helpers import cos as _cos, grad as _grad
+
 from lowbit.act import ActivationCompressor, checkpoint_blocks, remove_checkpoints
 from lowbit.bench.common import image_data
 from lowbit.codecs import ErrorBoundedCodec, FrequencySplitCodec, HeadwiseCodec
 from lowbit.models import CharGPT, ResNet, ViT
 
-
-def _grad(model, loss_fn, act=None):
-    model.zero_grad(set_to_none=True)
-    if act is None:
-        loss = loss_fn()
-    else:
-        with act:
-            loss = loss_fn()
-    loss.backward()
-    return torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.grad is not None])
-
-
-def _cos(a, b):
-    return float(F.cosine_similarity(a, b, dim=0))
 
 
 def _images(n=64):

@@ -111,7 +111,8 @@ class ActivationCompressor:
 
     Args:
         method: "none" (raw, accounted: the baseline), "uniform" (``bits`` for every tensor),
-            "gact" (adaptive widths averaging ``bits``).
+            "gact" (adaptive widths averaging ``bits``), "division", "comet", "mesa", or a
+            :class:`Policy` instance (then ``bits`` and ``options`` are not used).
         bits: width for "uniform" (1, 2, 4, 8); average-bits budget for "gact".
         model: optional; its parameters and buffers are skipped by identity (without it, leaf
             tensors that require grad and their views are skipped), the report gets per-module
@@ -134,7 +135,7 @@ class ActivationCompressor:
 
     def __init__(
         self,
-        method: str = "gact",
+        method: str | Policy = "gact",
         bits: float | None = None,
         model: nn.Module | None = None,
         group_size: int = 256,
@@ -142,7 +143,8 @@ class ActivationCompressor:
         seed: int = 0,
         **options,
     ):
-        self.policy: Policy = make_policy(method, bits, **options)
+        self.policy: Policy = method if isinstance(method, Policy) else make_policy(method, bits, **options)
+        method = self.policy.name
         if getattr(self.policy, "needs_model", False) and model is None:
             raise ValueError(f"method {method!r} needs model= (to know which saved tensors belong to which module)")
         self.method = method
@@ -267,9 +269,6 @@ class ActivationCompressor:
         return [self._modules[l] for l in reversed(self._module_stack) if l in self._modules]
 
     def group_for(self, t: torch.Tensor) -> int:
-        return self._group_for(t)
-
-    def _group_for(self, t: torch.Tensor) -> int:
         """Groups that follow the tensor's structure, so each gets its own range:
         - conv maps [N, C, H, W]: one channel plane (several small planes, to >= 64 elements),
           as BatchNorm's backward is sensitive to channels with a small spread;
@@ -301,7 +300,7 @@ class ActivationCompressor:
         noisy = self._probe.get("noisy") if self._probe is not None else None
         if noisy is not None and entry.kind == "float" and entry.index == noisy:
             raw = entry.raw
-            base = self._uniform.decode(self._uniform.encode(raw, bits=self._probe["bits"], group_size=self._group_for(raw)))
+            base = self._uniform.decode(self._uniform.encode(raw, bits=self._probe["bits"], group_size=self.group_for(raw)))
         elif noisy == "policy" and entry.kind == "float" and entry.raw is not None:
             packed = self.policy.encode(entry.index, entry.raw, self)  # every tensor as the policy would store it
             base = entry.raw if packed is None else self._codecs[packed.codec].decode(packed)
@@ -443,7 +442,7 @@ class ActivationCompressor:
         return measured
 
     def _probe_stat(self, index: int, base: torch.Tensor) -> None:
-        gs = self._group_for(base)
+        gs = self.group_for(base)
         mins, maxs = group_minmax(base.detach().reshape(-1).float().contiguous(), gs)
         counts = torch.full_like(mins, float(gs))
         counts[-1] = base.numel() - gs * (len(mins) - 1)

@@ -139,6 +139,8 @@ class _SplitOnly(Policy):
     """Backward sees only the low- (or only the high-) frequency part of every saved float tensor
     (exact zeros kept, as the DIVISION codec keeps them)."""
 
+    name = "split-only"
+
     def __init__(self, part: str):
         self.part, self.split = part, FrequencySplitCodec()
 
@@ -163,9 +165,7 @@ def division_observation(quick: bool = False, seed: int = 0, batches: int = 4) -
         F.cross_entropy(model(xb), yb).backward()
         exact = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
         for part in ("low", "high"):
-            act = ActivationCompressor("none", model=model)
-            act.policy = _SplitOnly(part)
-            act._codecs.update(act.policy.codecs())
+            act = ActivationCompressor(_SplitOnly(part), model=model)
             model.zero_grad(set_to_none=True)
             with act:
                 loss = F.cross_entropy(model(xb), yb)

@@ -60,3 +60,13 @@ def check_packed(p: Packed, name: str) -> None:
         raise TypeError(f"expected a Packed, got {type(p).__name__}")
     if p.codec != name:
         raise ValueError(f"this Packed was made by the {p.codec!r} codec, not {name!r}")
+
+
+def decode_stored_as_is(p: Packed) -> torch.Tensor | None:
+    """The decoded tensor of an ``"empty"`` or ``"raw"`` (stored exactly) encoding, else None."""
+    mode = p.info.get("mode")
+    if mode == "empty":
+        return torch.empty(p.shape, dtype=p.dtype, device=p.device)
+    if mode == "raw":
+        return p.payload["data"]
+    return None

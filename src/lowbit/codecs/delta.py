@@ -33,12 +33,11 @@ class DeltaCodec:
         if t.shape != ref.shape:
             raise ValueError(f"t has shape {tuple(t.shape)} but its reference has {tuple(ref.shape)}")
         inner = self.inner.encode(t.detach() - ref.to(t.device, t.dtype))
-        return Packed(self.name, inner.shape, inner.dtype, inner.device, inner.payload, {**inner.info, "inner": inner.codec})
+        return Packed(self.name, inner.shape, inner.dtype, inner.device, inner.payload, inner.info)
 
     def decode(self, p: Packed, ref: torch.Tensor) -> torch.Tensor:
         check_packed(p, self.name)
-        info = {k: v for k, v in p.info.items() if k != "inner"}
-        change = self.inner.decode(Packed(p.info["inner"], p.shape, p.dtype, p.device, p.payload, info))
+        change = self.inner.decode(Packed(self.inner.name, p.shape, p.dtype, p.device, p.payload, p.info))
         if ref.shape != change.shape:
             raise ValueError(f"reference has shape {tuple(ref.shape)}, the encoded change {tuple(change.shape)}")
         return ref.to(change.device, change.dtype) + change

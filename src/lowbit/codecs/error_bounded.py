@@ -7,7 +7,7 @@ import numpy as np
 import torch
 import zstandard
 
-from lowbit.codecs.base import Packed, check_packed
+from lowbit.codecs.base import Packed, check_packed, decode_stored_as_is
 from lowbit.codecs.uniform import FLOAT_DTYPES
 
 _F32_REL = 2.0**-23  # float32 spacing relative to the value
@@ -64,11 +64,9 @@ class ErrorBoundedCodec:
 
     def decode(self, p: Packed) -> torch.Tensor:
         check_packed(p, self.name)
-        mode = p.info["mode"]
-        if mode == "empty":
-            return torch.empty(p.shape, dtype=p.dtype, device=p.device)
-        if mode == "raw":
-            return p.payload["data"]
+        as_is = decode_stored_as_is(p)
+        if as_is is not None:
+            return as_is
         raw = bytearray(self._zd.decompress(p.payload["blob"].numpy().tobytes()))
         z = torch.frombuffer(raw, dtype=getattr(torch, p.info["width"])).to(torch.int32)
         r = (z >> 1) ^ -(z & 1)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from lowbit.codecs.base import Packed, check_packed
+from lowbit.codecs.base import Packed, check_packed, decode_stored_as_is
 from lowbit.codecs.lossless import MaskCodec
 from lowbit.codecs.uniform import FLOAT_DTYPES, UniformCodec
 
@@ -101,8 +101,9 @@ class FrequencySplitCodec:
 
     def decode(self, p: Packed) -> torch.Tensor:
         check_packed(p, self.name)
-        if p.info["mode"] == "empty":
-            return torch.empty(p.shape, dtype=p.dtype, device=p.device)
+        as_is = decode_stored_as_is(p)
+        if as_is is not None:
+            return as_is
         kind, view_shape = p.info["kind"], torch.Size(p.info["view_shape"])
         high_payload = {k[5:]: v for k, v in p.payload.items() if k.startswith("high.")}
         high = self.hfc.decode(Packed(self.hfc.name, view_shape, torch.float32, p.device, high_payload, p.info["high"]))

@@ -5,7 +5,7 @@ import warnings
 
 import torch
 
-from lowbit.codecs.base import Packed, check_packed
+from lowbit.codecs.base import Packed, check_packed, decode_stored_as_is
 from lowbit.kernels import group_minmax, quantize_pack, unpack_dequant
 
 SUPPORTED_BITS = (1, 2, 4, 8)
@@ -88,11 +88,9 @@ class UniformCodec:
 
     def decode(self, p: Packed) -> torch.Tensor:
         check_packed(p, self.name)
-        mode = p.info["mode"]
-        if mode == "empty":
-            return torch.empty(p.shape, dtype=p.dtype, device=p.device)
-        if mode == "raw":
-            return p.payload["data"]
+        as_is = decode_stored_as_is(p)
+        if as_is is not None:
+            return as_is
         pl = p.payload
         out = unpack_dequant(
             pl["codes"], p.numel, p.info["group_size"], pl["min"].float(), pl["scale"].float(), p.info["bits"]

@@ -63,7 +63,6 @@ class ActivationChannel:
             return self.codec.decode(recv_packed(src, "uniform"))
         p = recv_packed(src, "delta")
         ref = self.memory.get(ids, torch.empty((len(ids), *p.shape[1:]), device=p.device))
-        p.info["inner"] = "uniform"
         return self.memory.put(ids, self.delta.decode(p, ref))
 
     def state_dict(self) -> dict:

@@ -89,8 +89,7 @@ def spawn_local(task: PipelineTask, cfg: PipelineConfig, deadline_s: float | Non
             continue
         except queue.Empty:
             pass
-        dead = [r for r, p in enumerate(procs) if not p.is_alive() and r not in outcome and p.exitcode not in (None, 0)]
-        if dead and all(not p.is_alive() for p in procs):
+        if all(not p.is_alive() for p in procs):
             time.sleep(0.5)  # let queued reports arrive
             while True:
                 try:
