@@ -63,14 +63,18 @@ def test_llvm_popcount_gemm_matches_numba_and_reference():
 
     if not popcount_gemm.available():
         pytest.skip("llvmlite cannot JIT here")
-    for m, n, k in [(4, 4, 64), (9, 13, 513), (64, 5, 1000)]:
+    # every column-block variant (N < 16, < 32, >= 32), rows and columns not multiples of the
+    # micro-tile, K not a multiple of 64, K past 16-bit sums, one word
+    for m, n, k in [(4, 4, 64), (9, 13, 513), (64, 5, 1000), (6, 17, 130), (13, 33, 515), (100, 40, 70000), (7, 9, 1)]:
         a, b = pack_signs(torch.randn(m, k)), pack_signs(torch.randn(n, k))
         ref = binary_matmul_torch(a, b, k)
-        assert torch.equal(popcount_gemm.popcount_gemm(a, b, k, threads=2), ref)
+        for threads in (1, 2):
+            assert torch.equal(popcount_gemm.popcount_gemm(a, b, k, threads=threads), ref)
+        assert torch.equal(popcount_gemm.popcount_gemm(a[1::2], b[::2], k), ref[1::2, ::2])  # strided rows
         out = torch.empty(m, n, dtype=torch.int32)
         for kernel in _BINARY_MM_NB:  # parallel and serial builds
             kernel(a.numpy(), b.numpy(), k, out.numpy())
             assert torch.equal(out, ref)
         assert torch.equal(out, ref)
-    with pytest.raises(ValueError, match="65536"):
-        popcount_gemm.popcount_gemm(a, b, 1 << 16)
+    with pytest.raises(ValueError, match="int32"):
+        popcount_gemm.popcount_gemm(a, b, 1 << 31)

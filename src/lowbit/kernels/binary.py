@@ -210,8 +210,8 @@ def xor_popcount_product(a: torch.Tensor, b: torch.Tensor, k: int) -> torch.Tens
         words = a.shape[1] * WORD
         x, y = unpack_signs(a, words).double(), unpack_signs(b, words).double()
         return (k - (words - torch.round(x @ y.T)) / 2 * 2).to(torch.int32)
-    if k < 1 << 16 and min(a.shape[0], b.shape[0]) >= 4 and a.shape[1] >= 8 and popcount_gemm.available():
-        return popcount_gemm.popcount_gemm(a, b, k)  # rows of >= 8 words: its 512-bit vectors are full
+    if a.shape[0] >= popcount_gemm.ROWS and b.shape[0] and popcount_gemm.available():
+        return popcount_gemm.popcount_gemm(a, b, k)  # fewer rows than a micro-tile: mostly padding
     out = torch.empty(a.shape[0], b.shape[0], dtype=torch.int32)
     if out.numel():
         _pick(_BINARY_MM_NB, out.numel() * a.shape[1])(a.contiguous().numpy(), b.contiguous().numpy(), k, out.numpy())
