@@ -84,9 +84,10 @@ def test_explain_command_and_benchmark(tmp_path, capsys):
     res = explain_bench.run(quick=True, out=tmp_path, progress=False, log=lambda *a: None, with_shap=False)
     data = json.loads((tmp_path / "explain.json").read_text())
     methods = {r["method"] for r in data["rows"]}
-    assert methods == {"permutation", "antithetic", "kernel", "shear"}
+    assert methods == {"permutation", "antithetic", "kernel", "shear", "shear-uniform"}
     assert all(r["abs_error"] > 0 and r["ms_per_instance"] > 0 for r in data["rows"])
     assert "shear_vs_antithetic_error_ratio_at_16" in res["claims"]
+    assert "shear_uniform_vs_antithetic_error_ratio_at_16" in res["claims"]
     assert (tmp_path / "explain.png").exists()
 
 

@@ -213,3 +213,24 @@ def test_tabular_data_and_one_hot_groups():
     onehot = german.groups[german.players.index("housing")]
     raw = german.x_train[:, onehot]
     assert (raw.argmax(1)[:, None] == torch.arange(len(onehot))).float().sum(1).eq(1).all()
+
+
+def test_shear_outside_laws_differ_only_through_higher_order_interactions():
+    """A three-way term x0 x1 x2 (baseline 0) gives each of the three players a third of it. With
+    one cooperator, the Shapley law of the outside players keeps SHEAR unbiased (mean over seeds ->
+    exact); the paper's uniform 1/2 mask gives feature 0 a quarter of it (1/2 for S = {1}, times the
+    1/2 chance that player 2 is present)."""
+    def f(z):
+        return z[:, 0] * z[:, 1] * z[:, 2] + z[:, 3:].sum(1)
+
+    x, base = torch.tensor([1.0, 2.0, 1.5, 0.3, -0.7, 1.1]), torch.zeros(6)
+    exact = shapley(f, x, base, "exact").double()
+    assert float(exact[0]) == pytest.approx(1.0, abs=1e-6)  # 3 / 3
+    means = {law: torch.stack([shapley(f, x, base, "shear", budget=4, seed=s, shear_outside=law).double()
+                               for s in range(300)]).mean(0) for law in ("shapley", "uniform")}
+    assert float(means["shapley"][0]) == pytest.approx(1.0, abs=0.08)
+    assert float(means["uniform"][0]) == pytest.approx(0.75, abs=0.08)
+    for law in ("shapley", "uniform"):  # no outside players: both are the exact value
+        assert torch.allclose(shapley(f, x, base, "shear", budget=64, shear_outside=law).double(), exact, atol=1e-5)
+    with pytest.raises(ValueError, match="shear_outside"):
+        shapley(f, x, base, "shear", shear_outside="half")

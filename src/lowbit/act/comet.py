@@ -34,7 +34,7 @@ class CometPolicy(GactPolicy):
     """``bits`` is unused (COMET sets error bounds, not widths); ``tolerance`` is the relative
     gradient error (root of the summed squared error over ``||g||**2``) the bounds aim at."""
 
-    def __init__(self, bits: float | None = None, tolerance: float = 0.1, init_eb: float = 0.01, interval: int = 100,
+    def __init__(self, bits: float | None = None, tolerance: float = 0.2, init_eb: float = 0.01, interval: int = 100,
                  probe_bits: int | None = 4, probe_draws: int = 2, max_probes: int = 16, momentum: float = 0.5,
                  level: int = 1, calibration_rounds: int = 4):
         super().__init__(2, interval=interval, probe_bits=probe_bits, probe_draws=probe_draws, max_probes=max_probes,

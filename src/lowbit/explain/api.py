@@ -9,6 +9,7 @@ import torch
 
 from lowbit.explain.estimators import exact_shapley, kernel_shapley, permutation_shapley
 from lowbit.explain.shear import (
+    OUTSIDE_LAWS,
     NotDifferentiable,
     finite_difference_interactions,
     group_interactions,
@@ -54,6 +55,7 @@ def shapley(
     batch_size: int = 8192,
     max_exact_players: int = 16,
     interactions: str = "hessian",
+    shear_outside: str = "shapley",
     return_details: bool = False,
 ) -> torch.Tensor | ShapleyResult:
     """Shapley values of ``model``'s prediction at ``x`` against ``baseline``.
@@ -67,10 +69,14 @@ def shapley(
     by "exact". groups: lists of feature indices that act as one player (one-hot blocks); then
     the result has one value per group. interactions (SHEAR): "hessian" (autograd second
     derivatives; a clear error when the model has none) or "finite-difference" (mixed differences
-    of the value function, P(P+1)/2 + 1 extra evaluations counted in the budget).
+    of the value function, P(P+1)/2 + 1 extra evaluations counted in the budget). shear_outside:
+    how SHEAR sets the players outside a feature's cooperator game, "shapley" (unbiased, default)
+    or "uniform" (x or baseline with probability 1/2 each, the paper's description).
     Returns [M] / [B, M] in x's dtype (or a ShapleyResult with ``return_details``)."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}: choose one of {METHODS}")
+    if shear_outside not in OUTSIDE_LAWS:
+        raise ValueError(f"unknown shear_outside {shear_outside!r}: choose one of {OUTSIDE_LAWS}")
     if interactions not in ("hessian", "finite-difference"):
         raise ValueError(f"unknown interactions {interactions!r}: choose 'hessian' or 'finite-difference'")
     x = _check_tensor("x", x)
@@ -109,7 +115,7 @@ def shapley(
                 eta = group_interactions(hessian_interactions(model, xs[b], background.mean(0), targets[b]), players)
             else:
                 eta = finite_difference_interactions(v)
-            phi = shear_shapley(v, eta, int(budget), gen)
+            phi = shear_shapley(v, eta, int(budget), gen, shear_outside)
         secs.append(time.perf_counter() - t0)
         evals.append(v.evaluations)
         values.append(phi)

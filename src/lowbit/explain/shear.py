@@ -89,8 +89,17 @@ def cooperators_for_budget(budget: int, players: int) -> int:
     return max(0, min(players - 1, int(math.floor(math.log2(max(budget, 1)))) - 1))
 
 
-def shear_shapley(v: ValueFunction, eta: torch.Tensor, budget: int, generator: torch.Generator) -> torch.Tensor:
-    """phi_i = (1/n) sum_{S in C_i} C(n-1, |S|)^-1 [v(S + i + R_S) - v(S + R_S)], n = K + 1."""
+OUTSIDE_LAWS = ("shapley", "uniform")
+
+
+def shear_shapley(v: ValueFunction, eta: torch.Tensor, budget: int, generator: torch.Generator,
+                  outside: str = "shapley") -> torch.Tensor:
+    """phi_i = (1/n) sum_{S in C_i} C(n-1, |S|)^-1 [v(S + i + R_S) - v(S + R_S)], n = K + 1.
+    ``outside``: the law of R_S, "shapley" (the outside players preceding i in a random order
+    consistent with S: unbiased) or "uniform" (each outside player in R with probability 1/2,
+    as in the paper's description; biased where i interacts with outside players)."""
+    if outside not in OUTSIDE_LAWS:
+        raise ValueError(f"unknown outside law {outside!r}: choose one of {OUTSIDE_LAWS}")
     p = v.players
     k = cooperators_for_budget(budget, p)
     n = k + 1
@@ -104,18 +113,21 @@ def shear_shapley(v: ValueFunction, eta: torch.Tensor, budget: int, generator: t
         score[i] = -math.inf
         coop = torch.topk(score, k).indices if k else torch.zeros(0, dtype=torch.long)
         group = torch.cat([coop, torch.tensor([i])])
-        outside = torch.ones(p, dtype=torch.bool)
-        outside[group] = False
+        rest = torch.ones(p, dtype=torch.bool)  # the players outside {i} + C_i
+        rest[group] = False
         # one uniform random order per pair of complementary coalitions; the group's positions in it
         # are relabelled so that exactly S comes before i: i takes the (|S|+1)-th group position
-        ranks = torch.argsort(torch.rand(half, p, generator=generator), dim=1)
-        group_pos = ranks[:, group].sort(dim=1).values  # [half, k+1]
-        i_pos = group_pos.gather(1, sizes[:half].reshape(-1, 1))  # [half, 1]
-        r = ranks[:, outside] < i_pos  # outside players before i
+        if outside == "uniform":
+            r = torch.rand(half, int(rest.sum()), generator=generator) < 0.5
+        else:
+            ranks = torch.argsort(torch.rand(half, p, generator=generator), dim=1)
+            group_pos = ranks[:, group].sort(dim=1).values  # [half, k+1]
+            i_pos = group_pos.gather(1, sizes[:half].reshape(-1, 1))  # [half, 1]
+            r = ranks[:, rest] < i_pos  # outside players before i
         rmask = torch.cat([r, ~r.flip(0)]) if k else r  # row 2^k-1-j is the complement of row j
         m = torch.zeros(2**k, p, dtype=torch.bool)
         m[:, coop] = sub
-        m[:, outside] = rmask
+        m[:, rest] = rmask
         without.append(m.clone())
         m[:, i] = True
         with_i.append(m)
