@@ -248,7 +248,9 @@ class ActivationCompressor:
                 packed = self.policy.encode(index, base, self)
                 entry = _Entry("float", raw=base, index=index) if packed is None else _Entry("float", packed=packed, index=index)
         stored = entry.packed.nbytes if entry.packed is not None else raw_bytes
-        bits_used = entry.packed.info.get("bits", 32) if entry.kind == "float" and entry.packed is not None else 32
+        bits_used = 32
+        if entry.kind == "float" and entry.packed is not None:  # a codec's nominal width, else what it holds
+            bits_used = entry.packed.info.get("bits", entry.packed.bits_per_element)
         self._account(entry, t, raw_bytes, stored, bits_used)
         return entry
 

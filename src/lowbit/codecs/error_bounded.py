@@ -49,7 +49,7 @@ class ErrorBoundedCodec:
         margin = amax * _F32_REL * 2 if t.dtype == torch.float32 else amax * 2.0**-7  # or the output dtype's rounding
         step = 2.0 * (eb - margin)
         if not math.isfinite(amax) or step <= 0 or amax / step > 2**30:
-            return Packed(self.name, t.shape, t.dtype, t.device, {"data": t.clone()}, {"mode": "raw", "eb": eb, "bits": 8 * t.element_size()})
+            return Packed(self.name, t.shape, t.dtype, t.device, {"data": t.clone()}, {"mode": "raw", "eb": eb})
         q = torch.round(x / step).to(torch.int32)
         r = torch.diff(q, prepend=q.new_zeros(1))
         z = (r << 1) ^ (r >> 31)  # zigzag: small magnitudes -> small unsigned
@@ -58,9 +58,7 @@ class ErrorBoundedCodec:
         blob = self._zc.compress(z.to(width).numpy().tobytes())
         data = torch.frombuffer(bytearray(blob), dtype=torch.uint8)
         info = {"mode": "lorenzo", "eb": eb, "step": step, "width": str(width).split(".")[-1]}
-        p = Packed(self.name, t.shape, t.dtype, t.device, {"blob": data}, info)
-        p.info["bits"] = p.bits_per_element
-        return p
+        return Packed(self.name, t.shape, t.dtype, t.device, {"blob": data}, info)
 
     def decode(self, p: Packed) -> torch.Tensor:
         check_packed(p, self.name)

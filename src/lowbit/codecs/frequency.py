@@ -95,9 +95,7 @@ class FrequencySplitCodec:
             if float(nonzero.float().mean()) <= 1 - self.zero_fraction:
                 payload["nonzero"] = self._mask.encode(nonzero).payload["bits"]
                 info["nonnegative"] = bool(t.min() >= 0)
-        p = Packed(self.name, t.shape, t.dtype, t.device, payload, info)
-        p.info["bits"] = p.bits_per_element
-        return p
+        return Packed(self.name, t.shape, t.dtype, t.device, payload, info)
 
     def decode(self, p: Packed) -> torch.Tensor:
         check_packed(p, self.name)

@@ -24,9 +24,7 @@ class HeadwiseCodec:
         lo32, hi32 = lo.float().to(t.device), hi.float().to(t.device)
         scale = ((hi32 - lo32) / 255).clamp_min(torch.finfo(torch.float32).tiny)
         q = ((t.detach().float() - lo32.view(shape)) / scale.view(shape)).round_().clamp_(0, 255).to(torch.uint8)
-        p = Packed(self.name, t.shape, t.dtype, t.device, {"codes": q, "lo": lo32, "scale": scale}, {"mode": "quant"})
-        p.info["bits"] = p.bits_per_element
-        return p
+        return Packed(self.name, t.shape, t.dtype, t.device, {"codes": q, "lo": lo32, "scale": scale}, {"mode": "quant"})
 
     def decode(self, p: Packed) -> torch.Tensor:
         check_packed(p, self.name)
