@@ -78,3 +78,42 @@ def test_llvm_popcount_gemm_matches_numba_and_reference():
         assert torch.equal(out, ref)
     with pytest.raises(ValueError, match="int32"):
         popcount_gemm.popcount_gemm(a, b, 1 << 31)
+
+
+@pytest.mark.parametrize("c,o,kernel,stride,padding,dilation,hw,batch,xnor", [
+    (32, 32, (3, 3), (1, 1), (1, 1), (1, 1), (14, 14), 3, True),   # two taps per word, padded
+    (64, 40, (3, 3), (2, 2), (1, 1), (1, 1), (7, 9), 2, False),    # one word per tap, odd sizes, stride
+    (128, 9, (1, 1), (1, 1), (0, 0), (1, 1), (4, 4), 1, True),     # two words per tap, 1x1, batch 1
+    (8, 16, (5, 3), (1, 2), (2, 0), (2, 1), (11, 8), 2, True),     # 8 taps per word, dilation, uneven
+    (1, 3, (3, 3), (1, 1), (0, 0), (1, 1), (5, 5), 7, False),      # one channel
+])
+def test_fused_binary_conv_matches_float_conv(c, o, kernel, stride, padding, dilation, hw, batch, xnor):
+    import torch.nn.functional as F
+
+    from lowbit.kernels import binary_conv
+
+    if not binary_conv.available():
+        pytest.skip("llvmlite cannot JIT here")
+    torch.manual_seed(0)
+    x = torch.randn(batch, c, *hw)
+    w = torch.randn(o, c, *kernel)
+    alpha, bias = torch.rand(o) + 0.5, torch.randn(o)
+    ref_int = F.conv2d(_pm1(x), _pm1(w), None, stride, padding, dilation)  # padded zeros are 0, not -1
+    ho, wo = ref_int.shape[-2:]
+    scale = torch.ones(batch, 1, ho, wo)
+    if xnor:  # XNOR-Net's K: mean |x| over channels, box-filtered over the taps, padding counted
+        ka = F.conv2d(x.abs().mean(1, keepdim=True), torch.ones(1, 1, *kernel), None, stride, padding, dilation)
+        scale = ka / (kernel[0] * kernel[1])
+    ref = ref_int * alpha.reshape(1, -1, 1, 1) * scale + bias.reshape(1, -1, 1, 1)
+    # the packed layout: taps of C bits end to end in (kh, kw, C) order, padding taps 0 bits = -1
+    taps = pack_signs(w.permute(0, 2, 3, 1).reshape(o, -1))
+    valid = F.unfold(torch.ones(1, c, *hw), kernel, dilation, padding, stride)[0].T  # [L, K] in (C, kh, kw) order
+    corr = ((1 - valid) @ _pm1(w).reshape(o, -1).T).round().to(torch.int32) if any(padding) else None
+    plan = binary_conv.plan_conv(taps, c, kernel, stride, padding, dilation, ho, wo, c * kernel[0] * kernel[1], xnor,
+                                 alpha, corr, bias)
+    for threads in (1, 2):
+        y = binary_conv.binary_conv2d_nhwc(x.permute(0, 2, 3, 1), plan, threads=threads)
+        y = y.reshape(batch, ho, wo, o).permute(0, 3, 1, 2)
+        assert torch.allclose(y, ref, atol=1e-4, rtol=1e-5), float((y - ref).abs().max())
+    with pytest.raises(ValueError, match="divide 64"):
+        binary_conv.plan_conv(taps, 96, kernel, stride, padding, dilation, ho, wo, 96, xnor, alpha, corr, bias)

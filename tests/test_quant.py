@@ -377,14 +377,13 @@ def test_export_matches_fake_quantized_model(recipe, kw, batch, fused, monkeypat
     import importlib
 
     export_module = importlib.import_module("lowbit.quant.export")
-    monkeypatch.setattr(export_module, "FUSED_MAX_PIXELS", 1 << 30 if fused else 0)
-    monkeypatch.setattr(export_module, "FUSED_MAX_WORDS", 1 << 30 if fused else 0)
+    monkeypatch.setattr(export_module, "FUSED", fused)
     torch.manual_seed(0)
     q = quant.quantize(ResNet(widths=(8, 16, 96)), recipe, **kw)  # 96 channels: neither divides nor is a multiple of 64
     q(torch.randn(16, 1, 12, 12))  # BatchNorm statistics
     quant.set_progress(q, 1.0)
     q.eval()
-    exported = quant.export(q)
+    exported = quant.export(q, fold_batchnorm=False)  # layer by layer below: each layer as it was
     x = torch.randn(batch, 1, 12, 12)
     inputs = {}
     hooks = [m.register_forward_hook(lambda m, i, o, n=n: inputs.__setitem__(n, (i[0], o)))
@@ -403,6 +402,14 @@ def test_export_matches_fake_quantized_model(recipe, kw, batch, fused, monkeypat
     assert close.float().mean() >= 0.75, float((out - ref).abs().max())
     assert not any(isinstance(m, (quant.QuantConv2d, quant.QuantLinear)) for m in exported.modules())
     assert quant.storage_bytes(exported) < quant.storage_bytes(q) / 4
+    # BatchNorm folded into the packed layers' scale and shift (and the float stem conv): same outputs
+    folded = quant.export(q)
+    with torch.no_grad():
+        y = folded(x)
+    assert torch.allclose(y, out, atol=1e-4, rtol=1e-4) or (y - out).abs().amax(1).lt(1e-4).float().mean() >= 0.75
+    n_bn = sum(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    binary = recipe in ("bnn", "xnor", "fda", "dirnet")
+    assert n_bn == (0 if binary else sum(isinstance(m, nn.BatchNorm2d) for m in exported.modules()) - 1), n_bn
 
 
 def test_export_saves_loads_and_is_small(tmp_path):
@@ -411,12 +418,14 @@ def test_export_saves_loads_and_is_small(tmp_path):
     q = quant.quantize(model, "xnor")
     q(torch.randn(8, 1, 28, 28))
     q.eval()
-    exported = quant.export(q)
-    assert quant.storage_bytes(model) / quant.storage_bytes(exported) > 20
-    size = quant.model_size(exported)  # real bytes of the packed layers, float32 of the rest
-    assert size.packed_bytes == quant.storage_bytes(exported) - 8 * sum(
-        1 for k in exported.state_dict() if k.endswith("num_batches_tracked"))
+    unfolded = quant.export(q, fold_batchnorm=False)
+    size = quant.model_size(unfolded)  # real bytes of the packed layers, float32 of the rest
+    assert size.packed_bytes == quant.storage_bytes(unfolded) - 8 * sum(
+        1 for k in unfolded.state_dict() if k.endswith("num_batches_tracked"))
     assert size.float32_bytes == quant.model_size(model).float32_bytes and size.compression > 20
+    exported = quant.export(q)  # BatchNorms folded: smaller still
+    assert quant.storage_bytes(model) / quant.storage_bytes(exported) > 20
+    assert quant.model_size(exported).packed_bytes < size.packed_bytes
     assert "PackedBinaryLayer" in quant.summary(exported)
     torch.save(exported.state_dict(), tmp_path / "packed.pt")
     fresh = quant.export(quant.quantize(ResNet(), "xnor"))

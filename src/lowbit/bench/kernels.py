@@ -4,8 +4,9 @@
    and the GEMM shapes of the reference ResNet's binary convs at batch 64 (M = N * H' * W',
    N = out channels, K = C * 9). Packing of the operands is not timed: weights are packed once at
    export, and the activation packing is part of the conv rows below.
-2. the exported binary conv layers against nn.Conv2d (float32) at batch 1 and 64.
-3. end to end: the exported XNOR ResNet against the float one at batch 1 and 64, and sizes.
+2. the exported binary conv layers (BatchNorm folded in) against nn.Conv2d (float32) at batch 1 and 64.
+3. end to end: the exported XNOR ResNet against the float one at batch 1 and 64, both as trained
+   and as fast as plain torch runs it (BatchNorm folded, channels-last), and sizes.
 Best of repeated runs after a warm-up, float and packed calls alternating; ratios are float
 time / packed time.
 """
@@ -25,17 +26,18 @@ from lowbit.quant.export import PackedBinaryLayer
 SIZES = (256, 512, 1024, 2048, 4096)
 
 
-def _paired_times(float_fn, packed_fn, repeats: int) -> tuple[float, float]:
-    """Best time of each, with the two calls alternating so that drift on a shared machine hits
-    both alike (median-of-best over the repeats would mix in the drift)."""
-    float_fn(), packed_fn()
-    tf, tp = [], []
+def _paired_times(*fns, repeats: int) -> list[float]:
+    """Best time of each function, the calls alternating so that drift on a shared machine hits
+    all alike (median-of-best over the repeats would mix in the drift)."""
+    for fn in fns:
+        fn()
+    times = [[] for _ in fns]
     for _ in range(repeats):
-        for fn, acc in ((float_fn, tf), (packed_fn, tp)):
+        for fn, acc in zip(fns, times):
             t0 = time.perf_counter()
             fn()
             acc.append(time.perf_counter() - t0)
-    return min(tf), min(tp)
+    return [min(t) for t in times]
 
 
 def _repeats(work: float) -> int:
@@ -55,7 +57,7 @@ def run(sizes=SIZES, quick: bool = False, out: str | Path = "results/kernels", l
         a, b = torch.randn(s, s), torch.randn(s, s)
         pa, pb = pack_signs(a), pack_signs(b)
         reps = _repeats(s**3)
-        t_float, t_bin = _paired_times(lambda: a @ b.T, lambda: binary_matmul(pa, pb, s), reps)
+        t_float, t_bin = _paired_times(lambda: a @ b.T, lambda: binary_matmul(pa, pb, s), repeats=reps)
         rows.append({"kind": "square", "shape": f"{s}x{s}x{s}", "m": s, "n": s, "k": s,
                      "float_ms": 1e3 * t_float, "binary_ms": 1e3 * t_bin, "speedup": t_float / t_bin})
         log(f"matmul {s}^3: float {1e3 * t_float:.2f} ms, binary {1e3 * t_bin:.2f} ms, x{t_float / t_bin:.1f}")
@@ -83,27 +85,33 @@ def run(sizes=SIZES, quick: bool = False, out: str | Path = "results/kernels", l
         a, b = torch.randn(m, k), torch.randn(o, k)
         pa, pb = pack_signs(a), pack_signs(b)
         reps = _repeats(m * o * k)
-        t_float, t_bin = _paired_times(lambda: a @ b.T, lambda: binary_matmul(pa, pb, k), reps)
+        t_float, t_bin = _paired_times(lambda: a @ b.T, lambda: binary_matmul(pa, pb, k), repeats=reps)
         rows.append({"kind": "resnet-gemm", "shape": f"{name}: {m}x{o}x{k}", "m": m, "n": o, "k": k,
                      "float_ms": 1e3 * t_float, "binary_ms": 1e3 * t_bin, "speedup": t_float / t_bin})
         for bs in (1, batch):
             x = torch.randn(bs, c, h, w)
             with torch.no_grad():
-                t_f, t_b = _paired_times(lambda: fl(x), lambda: conv(x), _repeats(bs * c * h * w * o * 9))
+                t_f, t_b = _paired_times(lambda: fl(x), lambda: conv(x), repeats=_repeats(bs * c * h * w * o * 9))
             rows.append({"kind": "conv", "shape": f"{name} batch {bs}: {c}->{o} at {h}x{w}", "m": bs, "n": o, "k": k,
                          "float_ms": 1e3 * t_f, "binary_ms": 1e3 * t_b, "speedup": t_f / t_b})
     sizes_row = {"float32_bytes": quant.storage_bytes(float_model), "packed_bytes": quant.storage_bytes(packed)}
     sizes_row["compression"] = sizes_row["float32_bytes"] / sizes_row["packed_bytes"]
+    # the float model as trained, and as fast as plain torch runs it: BatchNorm folded, channels-last
+    float_fast = quant.fold_batchnorm(float_model).to(memory_format=torch.channels_last)
     for bs in (1, batch):
         x = torch.randn(bs, 1, 28, 28)
         with torch.no_grad():
-            t_f, t_b = _paired_times(lambda: float_model(x), lambda: packed(x), 50 if bs == 1 else 15)
-        rows.append({"kind": "end-to-end", "shape": f"ResNet batch {bs}", "m": bs, "n": 10, "k": 0,
-                     "float_ms": 1e3 * t_f, "binary_ms": 1e3 * t_b, "speedup": t_f / t_b})
-        log(f"end to end batch {bs}: float {1e3 * t_f:.2f} ms, exported xnor {1e3 * t_b:.2f} ms, x{t_f / t_b:.2f}")
-    max_diff = _layerwise_difference(qmodel, packed, torch.randn(4, 1, 28, 28))
+            t_f, t_ff, t_b = _paired_times(lambda: float_model(x), lambda: float_fast(x), lambda: packed(x),
+                                           repeats=50 if bs == 1 else 15)
+        for label, t in (("", t_f), (" (float32 BN-folded, channels-last)", t_ff)):
+            rows.append({"kind": "end-to-end", "shape": f"ResNet batch {bs}{label}", "m": bs, "n": 10, "k": 0,
+                         "float_ms": 1e3 * t, "binary_ms": 1e3 * t_b, "speedup": t / t_b})
+        log(f"end to end batch {bs}: float {1e3 * t_f:.2f} ms (BN-folded channels-last {1e3 * t_ff:.2f} ms), "
+            f"exported xnor {1e3 * t_b:.2f} ms, x{t_f / t_b:.2f} (x{t_ff / t_b:.2f})")
+    max_diff = _layerwise_difference(qmodel, quant.export(qmodel, fold_batchnorm=False), torch.randn(4, 1, 28, 28))
+    agree = _top1_agreement(qmodel, packed, torch.randn(256, 1, 28, 28))
     results = {"quick": quick, "threads": torch.get_num_threads(), "rows": rows, "model_size": sizes_row,
-               "export_max_abs_diff_vs_fake_quant": max_diff}
+               "export_max_abs_diff_vs_fake_quant": max_diff, "export_top1_agreement": agree}
     save_results(results, out, "kernels", table_markdown, plot, log)
     return results
 
@@ -122,6 +130,13 @@ def _layerwise_difference(qmodel, packed, x) -> float:
     return max(float((packed.get_submodule(n)(xi) - yi).abs().max()) for n, (xi, yi) in inputs.items())
 
 
+@torch.no_grad()
+def _top1_agreement(qmodel, packed, x) -> float:
+    """Fraction of inputs on which the exported model (BatchNorm folded) predicts the fake-quantized
+    model's class."""
+    return float((qmodel(x).argmax(1) == packed(x).argmax(1)).float().mean())
+
+
 def table_markdown(results: dict) -> str:
     rows = [[r["kind"], r["shape"], round(r["float_ms"], 3), round(r["binary_ms"], 3), round(r["speedup"], 2)]
             for r in results["rows"]]
@@ -129,7 +144,8 @@ def table_markdown(results: dict) -> str:
     return (markdown_table(["kind", "shape", "float32 ms", "binary ms", "speedup ×"], rows)
             + f"\n\nexported XNOR ResNet: {s['packed_bytes']:,} bytes vs {s['float32_bytes']:,} float32 "
               f"({s['compression']:.1f}x smaller); largest |packed layer - fake-quantized layer| on the same "
-              f"input: {results['export_max_abs_diff_vs_fake_quant']:.1e}")
+              f"input: {results['export_max_abs_diff_vs_fake_quant']:.1e} (BatchNorm unfolded); same top-1 class as "
+              f"the fake-quantized model on {100 * results.get('export_top1_agreement', float('nan')):.1f}% of random inputs")
 
 
 def plot(results: dict, path: Path) -> None:

@@ -87,7 +87,7 @@ def run(models=("resnet", "vit"), quick: bool = False, out: str | Path = "result
         res["mixed"] = _mixed_precision(model, calib, calib_labels, test, budgets, options, float_acc, progress, log, name)
         res["checks"] = _checks(res)
         results["models"][name] = res
-    save_results(results, out, "ptq", table_markdown, plot, log)
+        save_results(results, out, "ptq", table_markdown, plot, log)  # after each model: an hour-long run keeps its part
     return results
 
 

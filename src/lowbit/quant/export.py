@@ -23,12 +23,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
+from lowbit.kernels import binary_conv
 from lowbit.kernels.binary import (
     binary_matmul,
     pack_mask,
     pack_signs,
-    binary_conv2d_fused,
     gather_conv_taps,
     scale_epilogue,
     ternary_matmul,
@@ -40,8 +41,7 @@ from lowbit.quant.layers import QUANT_LAYERS, set_submodule
 from lowbit.quant.quantizers import BinaryActivation, BinaryWeight, SparseBinaryWeight, TernaryWeight
 
 
-FUSED_MAX_PIXELS = 4096  # input pixels (N * H * W) up to which a binary conv runs as one fused numba call
-FUSED_MAX_WORDS = 8  # ... and at any size when a gathered row has fewer 64-bit words than this
+FUSED = True  # binary convs on the CPU as one fused kernel (lowbit.kernels.binary_conv); False: step by step
 
 
 def _out_size(h: int, w: int, kernel_size, stride, padding, dilation) -> tuple[int, int]:
@@ -96,7 +96,10 @@ class PackedBinaryLayer(_PackedBase):
     than a float im2col; weights are packed in the same (kh, kw, C) order. Taps in the zero
     padding hold 0 bits, i.e. -1, where the fake-quantized conv sees 0: a per-position correction
     (sum of the filter's signs over the padded taps, computed once per input size) restores it.
-    Small batches run as one fused numba call (``FUSED_MAX_PIXELS``, ``FUSED_MAX_WORDS``)."""
+    On the CPU, with C dividing 64 or a multiple of it, the whole conv is one fused call
+    (``lowbit.kernels.binary_conv``); otherwise it runs step by step (pack, gather, GEMM, epilogue).
+    ``alpha`` and ``bias`` are the per-channel output scale and shift: a BatchNorm that follows the
+    layer can be folded into them (``fold_batchnorm``)."""
 
     def __init__(self, layer: nn.Module):
         super().__init__()
@@ -157,19 +160,43 @@ class PackedBinaryLayer(_PackedBase):
         taps = img.as_strided((n, ho, wo, kh, kw, wc), (sn, sh * sh_, sw * sw_, dh * sh_, dw * sw_, sc))
         return taps.reshape(n * ho * wo, kh * kw * wc), ho, wo
 
-    def _fused_args(self, c: int, h: int, w: int, stride: tuple[int, int]) -> tuple:
-        """numpy arguments of the fused kernel for this input size, built once."""
-        key = ("fused", c, h, w, stride)
-        if key not in self._cache:
-            (kh, kw), (ph, pw), (sh, sw), (dh, dw) = self.kernel_size, self.padding, stride, self.dilation
+    def _plan(self, shape: torch.Size) -> binary_conv.ConvPlan | None:
+        """The fused kernel's plan for inputs [*, C, H, W] (built once per size), or None where it
+        cannot run (C neither divides 64 nor is a multiple of it, or no CPU JIT)."""
+        key = ("plan", *shape)
+        plan = self._cache.get(key)
+        if plan is None and key not in self._cache:
+            c, h, w = shape
+            if self._subsample():
+                h, w = -(-h // self.stride[0]), -(-w // self.stride[1])
+            stride = (1, 1) if self._subsample() else self.stride
             ho, wo = _out_size(h, w, self.kernel_size, stride, self.padding, self.dilation)
-            geom = np.array([c, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo, self.k, int(self.xnor_scale)], dtype=np.int64)
-            corr = self._padding_correction(c, h, w)
-            corr = np.zeros((0, self.out_features), np.int32) if corr is None else corr.contiguous().numpy()
-            bias = np.zeros(self.out_features, np.float32) if self.bias is None else self.bias.detach().float().numpy()
-            self._cache[key] = (self._tap_signs().T.contiguous().numpy(), geom, self.alpha.float().contiguous().numpy(),
-                                     corr, bias)
-        return self._cache[key]
+            if self._tight() and binary_conv.available():
+                plan = binary_conv.plan_conv(self._tap_signs(), c, self.kernel_size, stride, self.padding,
+                                             self.dilation, ho, wo, self.k, self.xnor_scale, self.alpha,
+                                             self._padding_correction(c, h, w), self.bias)
+            self._cache[key] = plan
+        return plan
+
+    def _subsample(self) -> bool:
+        """A strided 1x1 conv without padding reads only every stride-th pixel: subsample first."""
+        return self.kernel_size == (1, 1) and self.padding == (0, 0) and self.stride != (1, 1)
+
+    @torch.no_grad()
+    def fold_batchnorm(self, bn: nn.BatchNorm2d | nn.BatchNorm1d) -> None:
+        """Fold an eval-mode BatchNorm applied to this layer's output into alpha and bias:
+        BN(y) = y * s + (beta - mean * s) with s = gamma / sqrt(var + eps), per channel."""
+        if bn.running_mean is None or bn.running_var is None:
+            raise ValueError("fold_batchnorm: the BatchNorm keeps no running statistics")
+        s = (bn.running_var + bn.eps).rsqrt()
+        if bn.weight is not None:
+            s = s * bn.weight
+        shift = -bn.running_mean * s + (0 if bn.bias is None else bn.bias)
+        if self.bias is not None:
+            shift = shift + self.bias * s
+        self.alpha.mul_(s.float())
+        self.bias = nn.Parameter(shift.detach().float().clone(), requires_grad=False)
+        self._cache = {}
 
     def _xnor_k(self, x: torch.Tensor) -> torch.Tensor | None:
         if not self.xnor_scale:
@@ -180,17 +207,16 @@ class PackedBinaryLayer(_PackedBase):
         return x.abs().mean(-1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.is_conv and x.device.type == "cpu" and self._tight() and (
-                x.shape[0] * x.shape[2] * x.shape[3] <= FUSED_MAX_PIXELS or self._tap_signs().shape[1] < FUSED_MAX_WORDS):
-            # small batches or short rows: one fused numba call (Python round trips or the GEMM's
-            # 8-word vectors would dominate)
-            stride = self.stride
-            if self.kernel_size == (1, 1) and self.padding == (0, 0) and stride != (1, 1):
-                x, stride = x[:, :, :: stride[0], :: stride[1]], (1, 1)  # a strided 1x1 conv reads only these pixels
-            n, c, h, w = x.shape
-            taps, geom, alpha, corr, bias = self._fused_args(c, h, w, stride)
-            y = binary_conv2d_fused(x.permute(0, 2, 3, 1), taps, geom, alpha, corr, bias)
-            return y.to(x.dtype).reshape(n, int(geom[9]), int(geom[10]), -1).permute(0, 3, 1, 2)
+        if self.is_conv and FUSED and x.device.type == "cpu":
+            plan = self._plan(x.shape[1:])
+            if plan is not None:
+                if self._subsample():
+                    x = x[:, :, :: self.stride[0], :: self.stride[1]]
+                y = binary_conv.binary_conv2d_nhwc(x.permute(0, 2, 3, 1), plan)
+                if x.dtype != torch.float32:
+                    y = y.to(x.dtype)
+                # channels-last memory: the next layer's packing needs no copy
+                return y.reshape(x.shape[0], plan.ho, plan.wo, -1).permute(0, 3, 1, 2)
         if self.is_conv:
             n, c, h, w = x.shape
             rows, ho, wo = self._conv_rows(x)
@@ -297,13 +323,46 @@ def _packed_for(name: str, layer: nn.Module) -> nn.Module:
                      f"{type(iq).__name__ if iq else 'float'} inputs) has no packed form")
 
 
-def export(qmodel: nn.Module) -> nn.Module:
-    """A packed inference copy of a quantized model (eval mode; ``qmodel`` is not modified)."""
+def export(qmodel: nn.Module, fold_batchnorm: bool = True, channels_last: bool = True) -> nn.Module:
+    """A packed inference copy of a quantized model (eval mode; ``qmodel`` is not modified).
+
+    fold_batchnorm: a BatchNorm2d whose only input is a conv (found by tracing the model with
+    torch.fx) is folded into it: into a packed binary layer's per-channel scale and shift, or into
+    a float conv's weights; it becomes nn.Identity. Other BatchNorms stay.
+    channels_last: float convs keep their weights channels-last, so their outputs are NHWC like
+    the packed layers' (no layout changes between layers; torch's NCHW max-pool is ~9x slower).
+    Outputs match the fake-quantized model up to float rounding (exactly per layer with
+    ``fold_batchnorm=False``)."""
+    import warnings
+
+    from lowbit.quant.mixed import conv_bn_pairs
+
     model = copy.deepcopy(qmodel).eval()
+    pairs = []
+    if fold_batchnorm:
+        try:
+            pairs = conv_bn_pairs(model)
+        except Exception as err:  # a model torch.fx cannot trace: exported as it is
+            warnings.warn(f"export: BatchNorm not folded, the model could not be traced ({err})")
     for name, layer in [(n, m) for n, m in model.named_modules() if isinstance(m, QUANT_LAYERS)]:
         if layer.grad_quantizer is not None:
             layer.grad_quantizer = None
         set_submodule(model, name, _packed_for(name, layer))
+    for conv_name, bn_name in pairs:
+        conv, bn = model.get_submodule(conv_name), model.get_submodule(bn_name)
+        if not bn.track_running_stats:
+            continue
+        if isinstance(conv, PackedBinaryLayer):
+            conv.fold_batchnorm(bn)
+        elif type(conv) is nn.Conv2d:
+            set_submodule(model, conv_name, fuse_conv_bn_eval(conv, bn))
+        else:
+            continue  # a layer that stores its weights packed and decodes them: BatchNorm kept
+        set_submodule(model, bn_name, nn.Identity())
+    if channels_last:
+        for m in model.modules():
+            if type(m) is nn.Conv2d:
+                m.to(memory_format=torch.channels_last)
     return model.requires_grad_(False)
 
 
