@@ -200,6 +200,24 @@ def test_index_codec_lossless(t):
     assert y.dtype == t.dtype and torch.equal(y, t)
 
 
+def test_index_codec_fused_cpu_path_matches_torch_path(monkeypatch):
+    """The numba passes (CPU) store the same bytes as the torch path, and each decodes the other's."""
+    from lowbit.codecs import lossless
+
+    x = torch.randn(40, 7, 66, 50)  # 4.6e4 outputs: several parallel chunks, rows of 33 * 25 that straddle them
+    _, pool = torch.nn.functional.max_pool2d(x, 2, return_indices=True)
+    for t in (pool, torch.randint(-3, 250, (300, 301)), torch.randint(0, 5, (70001,)), torch.randint(-9, 9, (2, 3, 4))):
+        p_fused = IndexCodec().encode(t)
+        monkeypatch.setattr(lossless, "FUSED_CPU", False)
+        p_torch = IndexCodec().encode(t)
+        assert p_fused.info == p_torch.info and p_fused.payload.keys() == p_torch.payload.keys()
+        for k in p_fused.payload:
+            assert torch.equal(p_fused.payload[k], p_torch.payload[k]), k
+        assert torch.equal(IndexCodec().decode(p_fused), t)
+        monkeypatch.setattr(lossless, "FUSED_CPU", True)
+        assert torch.equal(IndexCodec().decode(p_torch), t)
+
+
 @pytest.mark.parametrize("bits", [1, 2, 4, 8])
 def test_parallel_kernels_match_serial_and_torch(bits):
     """Large tensors take the multi-threaded kernels: same bits as the torch reference."""

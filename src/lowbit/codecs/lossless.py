@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from lowbit.codecs.base import Packed, check_packed
+from lowbit.kernels import index as index_kernels
 from lowbit.kernels import pack_bits, unpack_bits
 
 # Widths the dense bit packer supports; larger ranges fall back to a narrower integer dtype.
@@ -13,6 +14,8 @@ _INT_DTYPES = (torch.int16, torch.int32, torch.int64)
 _MAX_DICT = 16
 # Rows (leading-dim slices) that fix the per-position reference of >= 3-d index tensors.
 _BASE_ROWS = 64
+# CPU tensors take the fused numba passes of lowbit.kernels.index (False: the torch reference path).
+FUSED_CPU = True
 
 
 def _bits_for(count: int) -> int:
@@ -68,43 +71,53 @@ class IndexCodec:
     def encode(self, t: torch.Tensor) -> Packed:
         if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
             raise TypeError(f"IndexCodec takes integer tensors, got {t.dtype}")
-        info: dict = {}
         if t.numel() == 0:
             return Packed(self.name, t.shape, t.dtype, t.device, {}, {"mode": "empty"})
         x = t.to(torch.int64)
-        payload: dict[str, torch.Tensor] = {}
-        if x.dim() >= 3:
-            # per-position reference from the first rows (cheap), then shift so all offsets are >= 0
-            rows = x.reshape(-1, *x.shape[-2:])
-            base = rows[:_BASE_ROWS].amin(dim=0)
-            r = (x - base).reshape(-1)
-            base = base + r.min()
-            r = r - r.min()
-            payload["base"] = _narrow_int(base)
+        if x.dim() >= 3:  # per-position reference from the first rows (cheap)
+            base = x.reshape(-1, *x.shape[-2:])[:_BASE_ROWS].amin(dim=0)
         else:
-            base0 = x.min()
-            r = (x - base0).reshape(-1)
-            payload["base"] = base0.reshape(1)
-        rmax = int(r.max())
+            base = torch.zeros(1, dtype=torch.int64, device=t.device)
+        rows = x.reshape(-1, base.numel())
+        fused = FUSED_CPU and rows.device.type == "cpu"
+        if fused:  # numba: three passes instead of ~7 (max-pool indices are the largest exact tensor a CNN saves)
+            rows = rows.contiguous()
+            flat_base = base.reshape(-1)
+            rmin, rmax = index_kernels.offset_range(rows, flat_base)
+            rmax -= rmin
+        else:
+            r = rows - base.reshape(-1)
+            rmin = int(r.min())
+            r = (r - rmin).reshape(-1)
+            rmax = int(r.max())
+        payload: dict[str, torch.Tensor] = {"base": _narrow_int(base + rmin)}  # offsets are now >= 0
+
+        def packed_codes(lut: torch.Tensor, bits: int) -> torch.Tensor:
+            if fused:
+                return index_kernels.encode_offsets(rows, flat_base, rmin, lut, bits)
+            return pack_bits(lut[r], bits)
+
         if rmax < 65536:
-            present = torch.bincount(r, minlength=rmax + 1) > 0
+            if fused:
+                present = index_kernels.offset_presence(rows, flat_base, rmin, rmax + 1)
+            else:
+                present = torch.bincount(r, minlength=rmax + 1) > 0
             values = present.nonzero().reshape(-1)
-            if len(values) <= _MAX_DICT and len(values) < rmax + 1:
+            if len(values) <= _MAX_DICT and len(values) < rmax + 1:  # a few distinct offsets: code them
                 lut = torch.zeros(rmax + 1, dtype=torch.uint8, device=t.device)
                 lut[values] = torch.arange(len(values), dtype=torch.uint8, device=t.device)
                 bits = _bits_for(len(values))
-                payload["codes"] = pack_bits(lut[r], bits)
+                payload["codes"] = packed_codes(lut, bits)
                 payload["dict"] = _narrow_int(values)
-                info = {"mode": "dict", "bits": bits}
-                return Packed(self.name, t.shape, t.dtype, t.device, payload, info)
+                return Packed(self.name, t.shape, t.dtype, t.device, payload, {"mode": "dict", "bits": bits})
         if rmax < 256:
             bits = _bits_for(rmax + 1)
-            payload["codes"] = pack_bits(r.to(torch.uint8), bits)
-            info = {"mode": "packed", "bits": bits}
-        else:
-            payload["codes"] = _narrow_int(r)
-            info = {"mode": "int"}
-        return Packed(self.name, t.shape, t.dtype, t.device, payload, info)
+            payload["codes"] = packed_codes(torch.arange(rmax + 1, device=t.device).to(torch.uint8), bits)
+            return Packed(self.name, t.shape, t.dtype, t.device, payload, {"mode": "packed", "bits": bits})
+        if fused:
+            r = (rows - (base.reshape(-1) + rmin)).reshape(-1)
+        payload["codes"] = _narrow_int(r)
+        return Packed(self.name, t.shape, t.dtype, t.device, payload, {"mode": "int"})
 
     def decode(self, p: Packed) -> torch.Tensor:
         check_packed(p, self.name)
@@ -112,6 +125,11 @@ class IndexCodec:
         if mode == "empty":
             return torch.empty(p.shape, dtype=p.dtype, device=p.device)
         n = p.numel
+        base = p.payload["base"].to(torch.int64)
+        if mode in ("dict", "packed") and FUSED_CPU and p.device.type == "cpu":  # one fused pass
+            bits = p.info["bits"]
+            values = p.payload["dict"] if mode == "dict" else torch.arange(1 << bits)
+            return index_kernels.decode_offsets(p.payload["codes"], bits, n, values, base.reshape(-1)).view(p.shape).to(p.dtype)
         if mode == "dict":
             codes = unpack_bits(p.payload["codes"], p.info["bits"], n).to(torch.int64)
             r = p.payload["dict"].to(torch.int64)[codes]
@@ -119,7 +137,6 @@ class IndexCodec:
             r = unpack_bits(p.payload["codes"], p.info["bits"], n).to(torch.int64)
         else:
             r = p.payload["codes"].to(torch.int64)
-        base = p.payload["base"].to(torch.int64)
         if len(p.shape) >= 3:
             x = r.view(-1, *p.shape[-2:]) + base
         else:
