@@ -254,3 +254,36 @@ def test_ptq_aquant_learns_borders():
     borders = [m.input_quantizer for _, m in quant.quant_layers(q)]
     assert all(isinstance(b, quant.BorderQuantizer) and not b.soft for b in borders)
     assert any(float(b.a.abs().sum() + b.b.abs().sum()) > 0 for b in borders)
+
+
+def test_aquant_borders_never_raise_the_unit_error_over_adaround():
+    """Stage 1 of an AQuant unit is AdaRound itself (same seed, hard rounding with a straight-through
+    gradient); the borders learned after it are kept only where they lower the calibration error."""
+    import copy
+
+    from lowbit.quant.ptq import quant_layer_from_float
+    from lowbit.quant.reconstruct import reconstruct
+
+    torch.manual_seed(0)
+    fp = nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 8)).eval()
+    x = torch.randn(256, 12)
+    errors = {}
+    for method in ("adaround", "aquant"):
+        unit = copy.deepcopy(fp)
+        with torch.no_grad():
+            h = fp[:2](x)
+        lo, hi = float(h.min()), float(h.max())
+        iq = (quant.BorderQuantizer(2, lo, hi, channels=16, channel_dim=-1) if method == "aquant"
+              else quant.FixedUniform(2, lo, hi))
+        unit[2] = quant_layer_from_float(fp[2], input_quantizer=iq,
+                                               weight_quantizer=quant.AdaRoundWeight(fp[2].weight, 2))
+        unit[0] = quant_layer_from_float(fp[0], weight_quantizer=quant.AdaRoundWeight(fp[0].weight, 2))
+        reconstruct(unit, fp, x, x, iters=80, seed=3)
+        with torch.no_grad():
+            errors[method] = float((unit(x) - fp(x)).pow(2).sum(1).mean())
+        if method == "aquant":  # hard border: the straight-through gradient of plain rounding
+            xi, xr = (h * 1.5).requires_grad_(True), (h * 1.5).requires_grad_(True)
+            iq(xi).sum().backward()
+            quant.FixedUniform(2, lo, hi)(xr).sum().backward()
+            assert torch.equal(xi.grad, xr.grad) and 0 < xi.grad.mean() < 1
+    assert errors["aquant"] <= errors["adaround"] * (1 + 1e-6), errors

@@ -67,7 +67,8 @@ def ptq(model: nn.Module, calib: torch.Tensor, w_bits: int | dict[str, int] = 4,
       calibration set, unit by unit (``granularity`` "block": residual / transformer blocks, see
       ``find_units``; "layer": each layer alone), each unit seeing the quantized model's inputs.
     - "aquant": the same, with a learned border function for the rounding of each quantized
-      layer's input (``BorderQuantizer``) learned jointly with the weights' rounding.
+      layer's input (``BorderQuantizer``), learned per unit after the weights' rounding and kept
+      where it lowers the unit's calibration error (see ``reconstruct``).
 
     ``adaround`` passes options to ``reconstruct`` (iters, lr, reg, batch, seed)."""
     if method not in ("rtn", "adaround", "aquant"):

@@ -453,7 +453,8 @@ class BorderQuantizer(FixedUniform):
 
     with a, b per channel (``channel_dim`` 1 for conv inputs, -1 for linear ones), zero at the start
     (plain rounding). Values stay on the grid and move by at most one level against rounding to
-    nearest. While ``soft`` is set (learning), the step is a sigmoid of (frac - border) / tau."""
+    nearest. While ``soft`` is set (learning), the step is a sigmoid of (frac - border) / tau;
+    otherwise it is hard with a straight-through gradient."""
 
     def __init__(self, bits: int, lo: float = 0.0, hi: float = 1.0, channels: int = 1, channel_dim: int = 1):
         super().__init__(bits, lo, hi)
@@ -476,9 +477,11 @@ class BorderQuantizer(FixedUniform):
         frac = v - low
         if self.soft:
             step = torch.sigmoid((frac - self.border(x)) / self.tau)
-        else:
-            step = (frac >= self.border(x)).to(x.dtype)
-        return torch.clamp(low + step, 0, n) * scale + self.lo
+            q = torch.clamp(low + step, 0, n)
+        else:  # hard, with a straight-through gradient (as FixedUniform) for the layers before it
+            q = torch.clamp(low + (frac >= self.border(x)).to(x.dtype), 0, n)
+            q = q + (v - v.detach())  # exactly q in value, gradient 1 in v
+        return q * scale + self.lo
 
     def num_scales(self, weight: torch.Tensor) -> int:
         return 2 + 2 * self.a.numel()
