@@ -166,31 +166,34 @@ def _runners():
 
 
 def binary_conv2d_nhwc(x: torch.Tensor, plan: ConvPlan, threads: int | None = None) -> torch.Tensor:
-    """x float [N, H, W, C] (NHWC) on the CPU -> float32 [N * ho * wo, O] (see the module docstring)."""
+    """x float [N, H, W, C] (NHWC) on the CPU -> float32 [N * ho * wo, O] (see the module docstring).
+    threads: None picks torch's thread count, or one thread for small work."""
     import numba
 
     n, ho, wo = x.shape[0], plan.ho, plan.wo
     out = torch.empty(n * ho * wo, plan.alpha.shape[0], dtype=torch.float32)
     if n == 0:
         return out
-    threads = min(threads or torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)
-    if out.shape[0] * plan.weights.size < 1 << 17:  # microseconds of work: a hand-off costs more
-        threads = 1
-    lines = n * ho  # blocks of whole output lines, about CHUNK_ROWS rows, at least one per thread
-    per_block = max(1, min(CHUNK_ROWS // wo, -(-lines // threads)))
     if x.dtype != torch.float32 or x.requires_grad:
         x = x.detach().float()
-    args = (x.contiguous().numpy(), plan.weights, plan.cb, plan.geom, plan.corr, plan.alpha, plan.bias, out.numpy(),
-            per_block)
+    per_block = max(1, CHUNK_ROWS // wo)  # blocks of whole output lines, about CHUNK_ROWS rows
+    args = (x.contiguous().numpy(), plan.weights, plan.cb, plan.geom, plan.corr, plan.alpha, plan.bias, out.numpy())
     parallel, serial = _runners()
+    if threads is None:
+        if out.shape[0] * plan.weights.size < 1 << 17:  # microseconds of work: a hand-off costs more
+            serial(*args, per_block)
+            return out
+        threads = torch.get_num_threads()
+    threads = min(threads, numba.config.NUMBA_NUM_THREADS)
+    per_block = max(1, min(per_block, -(-n * ho // threads)))  # at least one block per thread
     if threads == 1:
-        serial(*args)
+        serial(*args, per_block)
         return out
     prev = numba.get_num_threads()
     if prev != threads:
         numba.set_num_threads(threads)
     try:
-        parallel(*args)
+        parallel(*args, per_block)
     finally:
         if prev != threads:
             numba.set_num_threads(prev)
