@@ -445,3 +445,22 @@ def test_export_saves_loads_and_is_small(tmp_path):
 def test_export_refuses_what_it_cannot_pack():
     with pytest.raises(ValueError, match="LSQ input quantizer"):
         quant.export(quant.quantize(ResNet(widths=(8, 8, 8)), "int4"))
+
+
+def test_export_of_an_untraceable_model_warns_and_keeps_batchnorm():
+    class Branchy(nn.Module):  # data-dependent control flow: torch.fx cannot trace it
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8)
+
+        def forward(self, x):
+            y = self.bn(self.conv(x))
+            return y if float(y.sum()) > -1e9 else -y
+
+    m = Branchy().eval()
+    with pytest.warns(UserWarning, match="not folded"):
+        e = quant.export(m)
+    assert isinstance(e.bn, nn.BatchNorm2d)
+    x = torch.randn(2, 1, 6, 6)
+    with torch.no_grad():
+        assert torch.allclose(e(x), m(x), atol=1e-6)
