@@ -121,12 +121,14 @@ def test_ptq_benchmark_writes_json_table_and_plot(tmp_path):
     data = json.loads((tmp_path / "ptq.json").read_text())["models"]["resnet"]
     assert {(r["w_bits"], r["a_bits"], r["method"]) for r in data["rows"]} == \
         {(w, a, m) for w, a in ((8, 8), (2, 2)) for m in ("rtn", "adaround", "aquant")}
-    kinds = {(r["allocation"], r["method"]) for r in data["mixed"]}
-    assert kinds == {(k, m) for k in ("mixed", "random", "uniform") for m in ("rtn", "adaround")}
+    kinds = {(r["allocation"], r["sensitivity"], r["method"]) for r in data["mixed"]}
+    assert kinds == {(k, s, m) for k, s in (("mixed", "hessian"), ("mixed", "kl"), ("random", ""), ("uniform", ""))
+                     for m in ("rtn", "adaround")}
     assert all(r["average_bits"] <= 3.0 + 1e-9 for r in data["mixed"])
-    mixed = [r for r in data["mixed"] if r["allocation"] == "mixed"][0]
     uniform = [r for r in data["mixed"] if r["allocation"] == "uniform"][0]
-    assert mixed["sensitivity"] <= uniform["sensitivity"] + 1e-12  # the allocation is optimal for its objective
+    for how in ("hessian", "kl"):  # each allocation is optimal for its own objective
+        mixed = [r for r in data["mixed"] if r["allocation"] == "mixed" and r["sensitivity"] == how][0]
+        assert mixed["sum_sensitivity"][how] <= uniform["sum_sensitivity"][how] + 1e-12
     assert "w8a8_ok" in res["models"]["resnet"]["checks"]
     assert (tmp_path / "ptq.png").exists() and "| W8A8 |" in (tmp_path / "ptq.md").read_text()
 

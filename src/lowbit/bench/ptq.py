@@ -3,9 +3,10 @@ Fashion-MNIST, the same calibration samples for every row.
 
 Part 1, methods: W8A8 ... W2A2 for rtn, adaround and aquant: test accuracy, difference to float,
 calibration time; then the issue's checks (W8A8 within 0.5 points; AQuant >= AdaRound per cell).
-Part 2, mixed precision: per-layer widths from HAWQ sensitivities allocated under an average-bits
-budget, against uniform widths and a random allocation of the same budget (weights only, 8-bit
-activations), with round-to-nearest and with AdaRound weights."""
+Part 2, mixed precision: per-layer widths allocated under an average-bits budget from two
+sensitivities, HAWQ's Hessian trace x perturbation and ZeroQ's output KL divergence, against
+uniform widths and a random allocation of the same budget (weights only, 8-bit activations), with
+round-to-nearest and with AdaRound weights. ``parts`` runs either part alone."""
 from __future__ import annotations
 
 import math
@@ -29,6 +30,8 @@ METHODS = ("rtn", "adaround", "aquant")
 BUDGETS = (3.0, 2.5)  # average weight bits of the quantized layers
 WIDTHS = (2, 3, 4, 8)  # widths the allocation chooses from
 MIXED_METHODS = ("rtn", "adaround")
+SENSITIVITIES = ("hessian", "kl")  # how the mixed-precision allocation measures each layer
+PARTS = ("methods", "mixed")
 DEFAULTS = {"epochs": 2, "calib": 512, "limit": None, "test_limit": None, "iters": 500}
 QUICK = {"epochs": 1, "calib": 64, "limit": 600, "test_limit": 300, "iters": 20}
 W8A8_TOLERANCE = 0.5  # points of accuracy (issue 8)
@@ -59,7 +62,7 @@ def random_allocation(sizes: dict[str, int], widths, average_bits: float, seed: 
 
 
 def run(models=("resnet", "vit"), quick: bool = False, out: str | Path = "results/ptq", seed: int = 0,
-        configs=CONFIGS, methods=METHODS, budgets=BUDGETS, progress: bool = True, log=print) -> dict:
+        configs=CONFIGS, methods=METHODS, budgets=BUDGETS, parts=PARTS, progress: bool = True, log=print) -> dict:
     cfg = QUICK if quick else DEFAULTS
     train, test, data_name = bench_images(cfg, quick, log)
     pick = torch.randperm(len(train[0]), generator=torch.Generator().manual_seed(seed))[: cfg["calib"]]
@@ -75,7 +78,7 @@ def run(models=("resnet", "vit"), quick: bool = False, out: str | Path = "result
         float_acc = evaluate_classifier(model, *test)
         log(f"{name}: float32 {float_acc:.2f}% ({time.perf_counter() - t0:.0f} s training)")
         res = {"float_accuracy": float_acc, "rows": [], "mixed": []}
-        for wb, ab in configs:
+        for wb, ab in configs if "methods" in parts else ():
             for method in methods:
                 t0 = time.perf_counter()
                 q = quant.ptq(model, calib, w_bits=wb, a_bits=ab, method=method, adaround=options, progress=progress)
@@ -84,7 +87,9 @@ def run(models=("resnet", "vit"), quick: bool = False, out: str | Path = "result
                 res["rows"].append({"w_bits": wb, "a_bits": ab, "method": method, "accuracy": acc,
                                     "delta": acc - float_acc, "seconds": seconds})
                 log(f"{name} W{wb}A{ab} {method}: {acc:.2f}% ({acc - float_acc:+.2f}), {seconds:.1f} s")
-        res["mixed"] = _mixed_precision(model, calib, calib_labels, test, budgets, options, float_acc, progress, log, name)
+        if "mixed" in parts:
+            res["mixed"] = _mixed_precision(model, calib, calib_labels, test, budgets, options, float_acc, progress, log,
+                                            name)
         res["checks"] = _checks(res)
         results["models"][name] = res
         save_results(results, out, "ptq", table_markdown, plot, log)  # after each model: an hour-long run keeps its part
@@ -95,26 +100,29 @@ def _mixed_precision(model, calib, labels, test, budgets, options, float_acc, pr
     folded = quant.fold_batchnorm(model)
     names = [n for n, _ in quant.mixed.weight_layers(folded)][1:-1]  # first/last stay float
     sizes = {n: c for n, c in quant.weight_counts(folded).items() if n in names}
-    t0 = time.perf_counter()
-    sens = quant.sensitivity(folded, (calib, labels), bits=WIDTHS, how="hessian", layers=names)
-    log(f"{name}: Hessian sensitivities of {len(names)} layers in {time.perf_counter() - t0:.1f} s")
-    plans = []
+    plans, measured = [], {}
+    for how in SENSITIVITIES:
+        t0 = time.perf_counter()
+        measured[how] = quant.sensitivity(folded, (calib, labels), bits=WIDTHS, how=how, layers=names)
+        log(f"{name}: {how} sensitivities of {len(names)} layers in {time.perf_counter() - t0:.1f} s")
+        plans += [("mixed", how, avg, quant.allocate_bits(measured[how], sizes, average_bits=avg)) for avg in budgets]
     for avg in budgets:
-        plans.append(("mixed", avg, quant.allocate_bits(sens, sizes, average_bits=avg)))
-        plans.append(("random", avg, random_allocation(sizes, WIDTHS, avg, seed=0)))
+        plans.append(("random", "", avg, random_allocation(sizes, WIDTHS, avg, seed=0)))
     # uniform widths at and around the budgets (2.5 bits has no uniform plan of the same size)
     for b in sorted({w for a in budgets for w in (math.floor(a), math.ceil(a))} & set(WIDTHS)):
-        plans.append(("uniform", float(b), {n: b for n in names}))
+        plans.append(("uniform", "", float(b), {n: b for n in names}))
     rows = []
-    for kind, avg, plan in plans:
+    for kind, how, avg, plan in plans:
         bits_used = sum(sizes[n] * plan[n] for n in names) / sum(sizes.values())
+        # every plan's objective under every measure: a mixed plan must be optimal for its own
+        totals = {h: sum(sens[n][plan[n]] for n in names) for h, sens in measured.items()}
         for method in MIXED_METHODS:
             q = quant.ptq(model, calib, w_bits=plan, a_bits=8, method=method, adaround=options, progress=progress)
             acc = evaluate_classifier(q, *test)
-            rows.append({"allocation": kind, "budget_bits": avg, "average_bits": bits_used, "method": method,
-                         "accuracy": acc, "delta": acc - float_acc, "sensitivity": sum(sens[n][plan[n]] for n in names),
-                         "plan": plan})
-            log(f"{name} {kind} {bits_used:.2f} bits ({method}): {acc:.2f}%")
+            rows.append({"allocation": kind, "sensitivity": how, "budget_bits": avg, "average_bits": bits_used,
+                         "method": method, "accuracy": acc, "delta": acc - float_acc, "plan": plan,
+                         "sum_sensitivity": totals})
+            log(f"{name} {kind} {how} {bits_used:.2f} bits ({method}): {acc:.2f}%")
     return rows
 
 
@@ -123,29 +131,39 @@ def _checks(res: dict) -> dict:
     w8a8 = {m: res["float_accuracy"] - a for (w, b, m), a in cells.items() if (w, b) == (8, 8)}
     vs = [{"w_bits": w, "a_bits": b, "margin": a - cells[(w, b, "adaround")]}
           for (w, b, m), a in cells.items() if m == "aquant" and (w, b, "adaround") in cells]
-    mixed = {(r["allocation"], r["budget_bits"], r["method"]): r["accuracy"] for r in res["mixed"]}
-    beats = [{"budget_bits": avg, "method": m, "mixed": acc, "uniform": mixed.get(("uniform", avg, m)),
-              "random": mixed.get(("random", avg, m))}
-             for (kind, avg, m), acc in mixed.items() if kind == "mixed"]
+    mixed = {(r["allocation"], r.get("sensitivity", "hessian" if r["allocation"] == "mixed" else ""),
+              r["budget_bits"], r["method"]): r["accuracy"] for r in res["mixed"]}
+    beats = [{"budget_bits": avg, "sensitivity": how, "method": m, "mixed": acc,
+              "uniform": mixed.get(("uniform", "", avg, m)), "random": mixed.get(("random", "", avg, m))}
+             for (kind, how, avg, m), acc in mixed.items() if kind == "mixed"]
     return {"w8a8_drop": w8a8, "w8a8_ok": all(d <= W8A8_TOLERANCE for d in w8a8.values()),
             "aquant_vs_adaround": vs, "mixed_vs_uniform_random": beats}
+
+
+def _allocation_label(row: dict) -> str:
+    """"mixed (kl)", "mixed (hessian)", "uniform", "random" (rows of older runs have no sensitivity: HAWQ's)."""
+    if row["allocation"] != "mixed":
+        return row["allocation"]
+    return f"mixed ({row.get('sensitivity', 'hessian')})"
 
 
 def table_markdown(results: dict) -> str:
     parts = []
     for name, res in results["models"].items():
-        cells = {(r["w_bits"], r["a_bits"], r["method"]): r for r in res["rows"]}
-        methods = list(dict.fromkeys(r["method"] for r in res["rows"]))
-        configs = list(dict.fromkeys((r["w_bits"], r["a_bits"]) for r in res["rows"]))
-        rows = [[f"W{w}A{a}"] + [f"{cells[(w, a, m)]['accuracy']:.2f} ({cells[(w, a, m)]['delta']:+.2f})" for m in methods]
-                + [round(cells[(w, a, methods[-1])]["seconds"], 1)] for w, a in configs]
-        parts.append(f"**{name}** on {results['data']}, float32 {res['float_accuracy']:.2f}%: test accuracy % "
-                     f"(Δ vs float32)\n\n" + markdown_table(["bits"] + list(methods) + [f"{methods[-1]} s"], rows))
+        if res["rows"]:
+            cells = {(r["w_bits"], r["a_bits"], r["method"]): r for r in res["rows"]}
+            methods = list(dict.fromkeys(r["method"] for r in res["rows"]))
+            configs = list(dict.fromkeys((r["w_bits"], r["a_bits"]) for r in res["rows"]))
+            rows = [[f"W{w}A{a}"] + [f"{cells[(w, a, m)]['accuracy']:.2f} ({cells[(w, a, m)]['delta']:+.2f})"
+                                     for m in methods] + [round(cells[(w, a, methods[-1])]["seconds"], 1)]
+                    for w, a in configs]
+            parts.append(f"**{name}** on {results['data']}, float32 {res['float_accuracy']:.2f}%: test accuracy % "
+                         f"(Δ vs float32)\n\n" + markdown_table(["bits"] + list(methods) + [f"{methods[-1]} s"], rows))
         if res["mixed"]:
-            mrows = [[r["allocation"], r["budget_bits"], round(r["average_bits"], 2), r["method"], round(r["accuracy"], 2),
-                      round(r["delta"], 2), f"{r['sensitivity']:.3g}"] for r in res["mixed"]]
+            mrows = [[_allocation_label(r), r["budget_bits"], round(r["average_bits"], 2), r["method"],
+                      round(r["accuracy"], 2), round(r["delta"], 2)] for r in res["mixed"]]
             parts.append(f"**{name}** mixed precision (weights; 8-bit activations)\n\n" + markdown_table(
-                ["allocation", "budget bits", "average bits", "weights", "test acc %", "Δ vs float32", "Σ sensitivity"], mrows))
+                ["allocation", "budget bits", "average bits", "weights", "test acc %", "Δ vs float32"], mrows))
     return "\n\n".join(parts)
 
 
@@ -160,6 +178,8 @@ def plot(results: dict, path: Path) -> None:
     for col, name in enumerate(names):
         res = results["models"][name]
         ax = axes[0][col]
+        if not res["rows"]:
+            ax.axis("off")
         methods = list(dict.fromkeys(r["method"] for r in res["rows"]))
         configs = list(dict.fromkeys((r["w_bits"], r["a_bits"]) for r in res["rows"]))
         width = 0.8 / len(methods)
@@ -169,16 +189,17 @@ def plot(results: dict, path: Path) -> None:
         ax.axhline(res["float_accuracy"], color="k", lw=1, ls="--", label="float32")
         ax.set_xticks([k + width * (len(methods) - 1) / 2 for k in range(len(configs))], [f"W{w}A{a}" for w, a in configs])
         ax.set_ylabel("test accuracy (%)")
-        ax.set_ylim(max(0, min(r["accuracy"] for r in res["rows"]) - 5), 100)
+        ax.set_ylim(max(0, min((r["accuracy"] for r in res["rows"]), default=5) - 5), 100)
         ax.set_title(f"{name}: post-training quantization")
         ax.legend(fontsize=8)
         ax = axes[1][col]
-        for kind, marker in (("mixed", "o"), ("uniform", "s"), ("random", "x")):
+        kinds = list(dict.fromkeys(_allocation_label(r) for r in res["mixed"]))
+        for kind, marker in zip(kinds, "os^xdv"):
             for m, ls in zip(MIXED_METHODS, ("-", ":")):
                 pts = sorted((r["average_bits"], r["accuracy"]) for r in res["mixed"]
-                             if r["allocation"] == kind and r["method"] == m)
+                             if _allocation_label(r) == kind and r["method"] == m)
                 if pts:
-                    ax.plot(*zip(*pts), marker=marker, ls=ls, label=f"{kind} ({m})")
+                    ax.plot(*zip(*pts), marker=marker, ls=ls, label=f"{kind}, {m} weights")
         ax.set_xlabel("average weight bits")
         ax.set_ylabel("test accuracy (%)")
         ax.set_title(f"{name}: mixed precision vs uniform")

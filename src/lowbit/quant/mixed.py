@@ -65,11 +65,14 @@ def sensitivity(model: nn.Module, data: tuple[torch.Tensor, torch.Tensor], bits=
     """Per-layer sensitivity to quantizing its weights to each width in ``bits``.
 
     how="hessian": (trace(H_l) / n_l) * ||Q_b(W_l) - W_l||^2 (HAWQ-v2), Hutchinson trace over
-    ``samples`` Rademacher vectors. how="loss": the loss increase on ``data`` when layer l alone
-    is quantized to b bits (round to nearest, per channel). data: (inputs, integer labels); the
-    model is evaluated in eval mode and left unchanged."""
-    if how not in ("hessian", "loss"):
-        raise ValueError(f"unknown sensitivity {how!r}: choose 'hessian' or 'loss'")
+    ``samples`` Rademacher vectors: a second-order model, faithful for small perturbations.
+    how="loss": the loss increase on ``data`` when layer l alone is quantized to b bits (round to
+    nearest, per channel). how="kl": the mean KL divergence of the output distribution from the
+    float model's when layer l alone is quantized (ZeroQ's measure: never negative, needs no
+    labels, and measures large perturbations such as 2-bit weights as they are). data: (inputs,
+    integer labels); the model is evaluated in eval mode and left unchanged."""
+    if how not in ("hessian", "loss", "kl"):
+        raise ValueError(f"unknown sensitivity {how!r}: choose 'hessian', 'loss' or 'kl'")
     if not bits:
         raise ValueError("bits must list at least one width")
     model_was_training = model.training
@@ -86,13 +89,19 @@ def sensitivity(model: nn.Module, data: tuple[torch.Tensor, torch.Tensor], bits=
                 out[name] = {b: tr / w.numel() * float((rtn_weight(w, b) - w).pow(2).sum()) for b in bits}
         else:
             with torch.no_grad():
-                base = float(_loss(model, data))
+                if how == "loss":
+                    base = float(_loss(model, data))
+                    measure = lambda: float(_loss(model, data)) - base  # noqa: E731
+                else:
+                    ref = F.log_softmax(model(data[0]), dim=-1)
+                    measure = lambda: float(F.kl_div(F.log_softmax(model(data[0]), dim=-1), ref,  # noqa: E731
+                                                     reduction="batchmean", log_target=True))
                 for name, m in chosen:
                     w = m.weight.detach().clone()
                     out[name] = {}
                     for b in bits:
                         m.weight.copy_(rtn_weight(w, b))
-                        out[name][b] = float(_loss(model, data)) - base
+                        out[name][b] = measure()
                     m.weight.copy_(w)
     finally:
         model.train(model_was_training)
