@@ -27,7 +27,7 @@ from lowbit.train import evaluate_classifier
 
 CONFIGS = [(8, 8), (4, 8), (4, 4), (2, 4), (4, 2), (2, 2)]
 METHODS = ("rtn", "adaround", "aquant")
-BUDGETS = (3.0, 2.5)  # average weight bits of the quantized layers
+BUDGETS = (4.0, 3.0, 2.5)  # average weight bits of the quantized layers (4 and 3: uniform plans of the same size exist)
 WIDTHS = (2, 3, 4, 8)  # widths the allocation chooses from
 MIXED_METHODS = ("rtn", "adaround")
 SENSITIVITIES = ("hessian", "kl")  # how the mixed-precision allocation measures each layer
