@@ -131,6 +131,9 @@ def test_ptq_benchmark_writes_json_table_and_plot(tmp_path):
         assert mixed["sum_sensitivity"][how] <= uniform["sum_sensitivity"][how] + 1e-12
     assert "w8a8_ok" in res["models"]["resnet"]["checks"]
     assert (tmp_path / "ptq.png").exists() and "| W8A8 |" in (tmp_path / "ptq.md").read_text()
+    mixed_only = {**res, "models": {"resnet": {**data, "rows": []}}}  # `--parts mixed`: no methods table
+    ptq_bench.plot(mixed_only, tmp_path / "mixed.png")
+    assert "| W8A8 |" not in ptq_bench.table_markdown(mixed_only) and (tmp_path / "mixed.png").exists()
 
 
 def test_random_allocation_stays_within_budget():

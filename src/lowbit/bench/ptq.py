@@ -178,20 +178,21 @@ def plot(results: dict, path: Path) -> None:
     for col, name in enumerate(names):
         res = results["models"][name]
         ax = axes[0][col]
-        if not res["rows"]:
+        if not res["rows"]:  # a mixed-precision-only run
             ax.axis("off")
-        methods = list(dict.fromkeys(r["method"] for r in res["rows"]))
-        configs = list(dict.fromkeys((r["w_bits"], r["a_bits"]) for r in res["rows"]))
-        width = 0.8 / len(methods)
-        for i, m in enumerate(methods):
-            acc = {(r["w_bits"], r["a_bits"]): r["accuracy"] for r in res["rows"] if r["method"] == m}
-            ax.bar([k + i * width for k in range(len(configs))], [acc[c] for c in configs], width, label=m)
-        ax.axhline(res["float_accuracy"], color="k", lw=1, ls="--", label="float32")
-        ax.set_xticks([k + width * (len(methods) - 1) / 2 for k in range(len(configs))], [f"W{w}A{a}" for w, a in configs])
-        ax.set_ylabel("test accuracy (%)")
-        ax.set_ylim(max(0, min((r["accuracy"] for r in res["rows"]), default=5) - 5), 100)
-        ax.set_title(f"{name}: post-training quantization")
-        ax.legend(fontsize=8)
+        else:
+            methods = list(dict.fromkeys(r["method"] for r in res["rows"]))
+            configs = list(dict.fromkeys((r["w_bits"], r["a_bits"]) for r in res["rows"]))
+            width = 0.8 / len(methods)
+            for i, m in enumerate(methods):
+                acc = {(r["w_bits"], r["a_bits"]): r["accuracy"] for r in res["rows"] if r["method"] == m}
+                ax.bar([k + i * width for k in range(len(configs))], [acc[c] for c in configs], width, label=m)
+            ax.axhline(res["float_accuracy"], color="k", lw=1, ls="--", label="float32")
+            ax.set_xticks([k + width * (len(methods) - 1) / 2 for k in range(len(configs))], [f"W{w}A{a}" for w, a in configs])
+            ax.set_ylabel("test accuracy (%)")
+            ax.set_ylim(max(0, min((r["accuracy"] for r in res["rows"]), default=5) - 5), 100)
+            ax.set_title(f"{name}: post-training quantization")
+            ax.legend(fontsize=8)
         ax = axes[1][col]
         kinds = list(dict.fromkeys(_allocation_label(r) for r in res["mixed"]))
         for kind, marker in zip(kinds, "os^xdv"):
