@@ -111,6 +111,10 @@ def test_ptq_command(capsys):
                  "--calib", "64", "--method", "rtn"]) == 0
     out = capsys.readouterr().out
     assert "| rtn | 4 | 8 |" in out and "float32" in out
+    assert main(["ptq", "--data", "digits", "--limit", "400", "--average-bits", "3", "--a-bits", "8",
+                 "--calib", "64", "--method", "rtn"]) == 0
+    out = capsys.readouterr().out
+    assert "kl allocation at 3.0 average bits" in out and "| rtn | mixed " in out
 
 
 def test_ptq_benchmark_writes_json_table_and_plot(tmp_path):

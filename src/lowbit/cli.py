@@ -254,13 +254,24 @@ def _ptq(args) -> int:
         print(f"training the float {args.model} on {data_name} ({args.epochs} epoch(s)); --init loads one instead")
         quant.train_quantized(model, train, test, epochs=args.epochs, seed=args.seed, desc="float")
     model.eval()
-    calib = train[0][torch.randperm(len(train[0]), generator=torch.Generator().manual_seed(args.seed))[: args.calib]]
+    pick = torch.randperm(len(train[0]), generator=torch.Generator().manual_seed(args.seed))[: args.calib]
+    calib = train[0][pick]
     rows = [["float32", "-", "-", round(evaluate_classifier(model, *test), 2), "-"]]
+    w_bits, w_label = args.w_bits, args.w_bits
+    if args.average_bits is not None:  # mixed precision: per-layer widths under an average-bits budget
+        folded = quant.fold_batchnorm(model)
+        names = [n for n, _ in quant.mixed.weight_layers(folded)][1:-1]  # ptq keeps first and last float
+        sizes = {n: c for n, c in quant.weight_counts(folded).items() if n in names}
+        sens = quant.sensitivity(folded, (calib, train[1][pick]), bits=(2, 3, 4, 8), how=args.sensitivity, layers=names)
+        w_bits = quant.allocate_bits(sens, sizes, average_bits=args.average_bits)
+        used = sum(sizes[n] * b for n, b in w_bits.items()) / sum(sizes.values())
+        w_label = f"mixed {used:.2f}"
+        print(f"{args.sensitivity} allocation at {args.average_bits} average bits: {w_bits}")
     for method in args.method.split(","):
         t0 = time.perf_counter()
-        q = quant.ptq(model, calib, w_bits=args.w_bits, a_bits=args.a_bits, method=method, calibration=args.calibration)
+        q = quant.ptq(model, calib, w_bits=w_bits, a_bits=args.a_bits, method=method, calibration=args.calibration)
         seconds = time.perf_counter() - t0
-        rows.append([method, args.w_bits, args.a_bits, round(evaluate_classifier(q, *test), 2), round(seconds, 1)])
+        rows.append([method, w_label, args.a_bits, round(evaluate_classifier(q, *test), 2), round(seconds, 1)])
     print(markdown_table(["method", "w bits", "a bits", "test accuracy %", "calibration s"], rows))
     return 0
 
@@ -329,7 +340,11 @@ def main(argv=None) -> int:
     pq.add_argument("--data", default="fashion-mnist", choices=["fashion-mnist", "digits"])
     pq.add_argument("--w-bits", type=int, default=4)
     pq.add_argument("--a-bits", type=int, default=4)
-    pq.add_argument("--method", default="rtn,adaround", help="rtn and/or adaround, comma separated")
+    pq.add_argument("--method", default="rtn,adaround", help="rtn, adaround and/or aquant, comma separated")
+    pq.add_argument("--average-bits", type=float, default=None,
+                    help="mixed precision: per-layer weight widths (2/3/4/8) under this average instead of --w-bits")
+    pq.add_argument("--sensitivity", default="kl", choices=["kl", "hessian", "loss"],
+                    help="how --average-bits measures each layer (default: output KL)")
     pq.add_argument("--calibration", default="mse", choices=["minmax", "percentile", "mse"])
     pq.add_argument("--calib", type=int, default=512, help="calibration samples")
     pq.add_argument("--init", default=None, help="float state_dict (else the float model is trained first)")
