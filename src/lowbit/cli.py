@@ -260,9 +260,9 @@ def _ptq(args) -> int:
     w_bits, w_label = args.w_bits, args.w_bits
     if args.average_bits is not None:  # mixed precision: per-layer widths under an average-bits budget
         folded = quant.fold_batchnorm(model)
-        names = [n for n, _ in quant.mixed.weight_layers(folded)][1:-1]  # ptq keeps first and last float
-        sizes = {n: c for n, c in quant.weight_counts(folded).items() if n in names}
-        sens = quant.sensitivity(folded, (calib, train[1][pick]), bits=(2, 3, 4, 8), how=args.sensitivity, layers=names)
+        sizes = quant.weight_counts(folded, inner_only=True)  # ptq keeps the first and last layer float
+        sens = quant.sensitivity(folded, (calib, train[1][pick]), bits=(2, 3, 4, 8), how=args.sensitivity,
+                                 layers=list(sizes))
         w_bits = quant.allocate_bits(sens, sizes, average_bits=args.average_bits)
         used = sum(sizes[n] * b for n, b in w_bits.items()) / sum(sizes.values())
         w_label = f"mixed {used:.2f}"

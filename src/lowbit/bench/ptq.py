@@ -98,8 +98,8 @@ def run(models=("resnet", "vit"), quick: bool = False, out: str | Path = "result
 
 def _mixed_precision(model, calib, labels, test, budgets, options, float_acc, progress, log, name) -> list[dict]:
     folded = quant.fold_batchnorm(model)
-    names = [n for n, _ in quant.mixed.weight_layers(folded)][1:-1]  # first/last stay float
-    sizes = {n: c for n, c in quant.weight_counts(folded).items() if n in names}
+    sizes = quant.weight_counts(folded, inner_only=True)  # first/last stay float
+    names = list(sizes)
     plans, measured = [], {}
     for how in SENSITIVITIES:
         t0 = time.perf_counter()

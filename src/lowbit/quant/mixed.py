@@ -23,8 +23,13 @@ def weight_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
 
 
-def weight_counts(model: nn.Module) -> dict[str, int]:
-    return {n: m.weight.numel() for n, m in weight_layers(model)}
+def weight_counts(model: nn.Module, inner_only: bool = False) -> dict[str, int]:
+    """Weights per nn.Conv2d / nn.Linear layer; ``inner_only``: all but the first and the last,
+    the layers ``ptq`` quantizes by default (``keep_first_last``)."""
+    layers = weight_layers(model)
+    if inner_only:
+        layers = layers[1:-1]
+    return {n: m.weight.numel() for n, m in layers}
 
 
 def rtn_weight(w: torch.Tensor, bits: int) -> torch.Tensor:
