@@ -45,12 +45,13 @@ def _popcount(typingctx, x):
 _PARALLEL_MIN = 1 << 16  # work items below which the serial twin runs (a parallel launch costs ~10-50 us)
 
 
-def _twins(fn):
+def _twins(fn, cache: bool = True, **options):
     """(parallel, serial) numba builds of one kernel body (prange is range in the serial one); the
-    serial copy has its own qualified name so the two never share a cache entry."""
+    serial copy has its own qualified name so the two never share a cache entry. ``options`` go
+    to both builds (e.g. fastmath)."""
     serial = pytypes.FunctionType(fn.__code__, fn.__globals__, fn.__name__ + "_serial", fn.__defaults__, fn.__closure__)
     serial.__qualname__ = fn.__qualname__ + "_serial"
-    return numba.njit(parallel=True, cache=True)(fn), numba.njit(cache=True)(serial)
+    return (numba.njit(parallel=True, cache=cache, **options)(fn), numba.njit(cache=cache, **options)(serial))
 
 
 def _pick(twins, work: int):

@@ -18,13 +18,13 @@ The GEMM step is the register-blocked LLVM micro-kernel of ``popcount_gemm`` cal
 from __future__ import annotations
 
 import functools
-import types as pytypes
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from lowbit.kernels import popcount_gemm
+from lowbit.kernels.binary import _twins
 
 GEOMETRY = ("c", "kh", "kw", "sh", "sw", "ph", "pw", "dh", "dw", "ho", "wo", "k", "xnor")  # geom's int64 fields
 CHUNK_ROWS = 96  # output rows per block: their gathered words and int32 sums stay in L1/L2
@@ -43,8 +43,12 @@ class ConvPlan:
     alpha: np.ndarray
     corr: np.ndarray
     bias: np.ndarray
-    ho: int
-    wo: int
+    ho: int = field(init=False)  # geom's output size as Python ints, read on every call
+    wo: int = field(init=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "ho", int(self.geom[9]))
+        object.__setattr__(self, "wo", int(self.geom[10]))
 
 
 def plan_conv(taps: torch.Tensor, c: int, kernel_size, stride, padding, dilation, ho: int, wo: int, k: int,
@@ -60,7 +64,7 @@ def plan_conv(taps: torch.Tensor, c: int, kernel_size, stride, padding, dilation
     weights = popcount_gemm.interleave_columns(taps.contiguous(), cb).numpy()
     return ConvPlan(weights, cb, geom, alpha.detach().float().contiguous().numpy(),
                     np.zeros((0, o), np.int32) if corr is None else corr.to(torch.int32).contiguous().numpy(),
-                    np.zeros(o, np.float32) if bias is None else bias.detach().float().contiguous().numpy(), ho, wo)
+                    np.zeros(o, np.float32) if bias is None else bias.detach().float().contiguous().numpy())
 
 
 def available() -> bool:
@@ -74,8 +78,7 @@ def _runners():
     hand-off that would dominate a batch-1 conv."""
     import numba
 
-    fns = popcount_gemm._compiled()[0]
-    f4, f2, f1 = (fns[cb] for cb in popcount_gemm.COLUMN_BLOCKS)
+    call_tile = popcount_gemm._compiled().call_tile
     rows_per_tile = popcount_gemm.ROWS
 
     def run(x, bt, cb, geom, corr, alpha, bias, out, lines_per_block):
@@ -144,12 +147,7 @@ def _runners():
                     if xnor:
                         scale[i] = ksum / np.float32(kh * kw)
                     i += 1
-            if cb == 4:
-                f4(buf.ctypes.data, bt.ctypes.data, acc.ctypes.data, wk, np_, k, 0, mp, np_)
-            elif cb == 2:
-                f2(buf.ctypes.data, bt.ctypes.data, acc.ctypes.data, wk, np_, k, 0, mp, np_)
-            else:
-                f1(buf.ctypes.data, bt.ctypes.data, acc.ctypes.data, wk, np_, k, 0, mp, np_)
+            call_tile(cb, buf.ctypes.data, bt.ctypes.data, acc.ctypes.data, wk, np_, k, 0, mp, np_)
             r0 = l0 * wo
             for i in range(m):
                 s = scale[i]
@@ -161,8 +159,7 @@ def _runners():
                     for j in range(o):
                         out[r0 + i, j] = np.float32(acc[i, j]) * alpha[j] * s + bias[j]
 
-    serial = pytypes.FunctionType(run.__code__, run.__globals__, "run_serial", run.__defaults__, run.__closure__)
-    return numba.njit(parallel=True, fastmath=True)(run), numba.njit(fastmath=True)(serial)
+    return _twins(run, cache=False, fastmath=True)
 
 
 def binary_conv2d_nhwc(x: torch.Tensor, plan: ConvPlan, threads: int | None = None) -> torch.Tensor:
@@ -189,12 +186,6 @@ def binary_conv2d_nhwc(x: torch.Tensor, plan: ConvPlan, threads: int | None = No
     if threads == 1:
         serial(*args, per_block)
         return out
-    prev = numba.get_num_threads()
-    if prev != threads:
-        numba.set_num_threads(threads)
-    try:
+    with popcount_gemm.numba_threads(threads):
         parallel(*args, per_block)
-    finally:
-        if prev != threads:
-            numba.set_num_threads(prev)
     return out

@@ -20,9 +20,11 @@ int32 [M, N] = K - 2 * popcount(a XOR b) per row pair. Row blocks are split over
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import os
+from typing import NamedTuple
 
 import torch
 
@@ -115,9 +117,20 @@ def _module_ir() -> str:
     return "\n".join(head + [_ir(cb) for cb in COLUMN_BLOCKS] + tail)
 
 
+class Jit(NamedTuple):
+    """The compiled kernel. ``call_tile(cb, a, b, out, w, n, k, i0, i1, jt)`` is a numba function
+    that runs the ``cb`` variant on rows i0..i1, for numba kernels that drive the GEMM themselves;
+    ``run_rows(cb, a, b, out, w, n, k, rows, chunk, jt)`` splits rows over numba's threads."""
+
+    fns: dict
+    engine: object
+    call_tile: object
+    run_rows: object
+
+
 @functools.lru_cache(maxsize=1)
-def _compiled():
-    """({cb: ctypes function}, execution engine, numba row runner) or None when llvmlite cannot JIT here."""
+def _compiled() -> Jit | None:
+    """The JIT-compiled kernel, or None when llvmlite cannot JIT here."""
     try:
         import llvmlite.binding as llvm
 
@@ -137,33 +150,59 @@ def _compiled():
         # pointers passed as int64 (same registers in the x86-64 / AArch64 C ABI), so numba can call it
         proto = ctypes.CFUNCTYPE(None, *[ctypes.c_int64] * 9)
         fns = {cb: proto(engine.get_function_address(f"bmm{cb}")) for cb in COLUMN_BLOCKS}
-        return fns, engine, _row_runner(fns)
+        call_tile = _tile_caller(fns)
+        return Jit(fns, engine, call_tile, _row_runner(call_tile))
     except Exception:  # no JIT on this platform: callers fall back to numba
         return None
 
 
-def _row_runner(fns):
+def _tile_caller(fns):
+    """A numba function that calls the kernel variant for ``cb`` column blocks."""
+    import numba
+
+    f4, f2, f1 = (fns[cb] for cb in COLUMN_BLOCKS)
+
+    @numba.njit
+    def call(cb, a, b, out, w, n, k, i0, i1, jt):
+        if cb == 4:
+            f4(a, b, out, w, n, k, i0, i1, jt)
+        elif cb == 2:
+            f2(a, b, out, w, n, k, i0, i1, jt)
+        else:
+            f1(a, b, out, w, n, k, i0, i1, jt)
+
+    return call
+
+
+def _row_runner(call_tile):
     """A numba-parallel loop over row chunks that calls a kernel variant: it runs on numba's
     threading layer, which shares the OpenMP runtime torch uses, so the kernel's threads are
     torch's own threads instead of a second pool fighting them for the cores (spin-waiting OpenMP
     workers after every torch op would otherwise halve the kernel's speed)."""
     import numba
 
-    f4, f2, f1 = (fns[cb] for cb in COLUMN_BLOCKS)
-
     @numba.njit(parallel=True)
     def run(cb, a, b, out, w, n, k, rows, chunk, jt):
         chunks = (rows + chunk - 1) // chunk
         for c in numba.prange(chunks):
-            i0, i1 = c * chunk, min(rows, (c + 1) * chunk)
-            if cb == 4:
-                f4(a, b, out, w, n, k, i0, i1, jt)
-            elif cb == 2:
-                f2(a, b, out, w, n, k, i0, i1, jt)
-            else:
-                f1(a, b, out, w, n, k, i0, i1, jt)
+            call_tile(cb, a, b, out, w, n, k, c * chunk, min(rows, (c + 1) * chunk), jt)
 
     return run
+
+
+@contextlib.contextmanager
+def numba_threads(threads: int):
+    """Run numba's parallel kernels on ``threads`` threads (at most numba's pool) inside the block."""
+    import numba
+
+    prev, want = numba.get_num_threads(), min(threads, numba.config.NUMBA_NUM_THREADS)
+    if want != prev:
+        numba.set_num_threads(want)
+    try:
+        yield
+    finally:
+        if want != prev:
+            numba.set_num_threads(prev)
 
 
 def available() -> bool:
@@ -192,7 +231,6 @@ def popcount_gemm(a: torch.Tensor, b: torch.Tensor, k: int, threads: int | None 
     compiled = _compiled()
     if compiled is None:
         raise RuntimeError("llvmlite could not JIT the popcount kernel on this platform")
-    fns, _, runner = compiled
     m, w = a.shape
     n = b.shape[0]
     cb = column_blocks_for(n)
@@ -211,14 +249,8 @@ def popcount_gemm(a: torch.Tensor, b: torch.Tensor, k: int, threads: int | None 
     jt = max(cols, min(np_, (JT_BYTES // (8 * w)) // cols * cols))
     args = (ap.data_ptr(), bt.data_ptr(), out.data_ptr(), w, np_, k)
     if threads == 1:
-        fns[cb](*args, 0, mp, jt)
+        compiled.fns[cb](*args, 0, mp, jt)
     else:
-        import numba
-
-        prev = numba.get_num_threads()
-        numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
-        try:
-            runner(cb, *args, mp, chunk, jt)
-        finally:
-            numba.set_num_threads(prev)
+        with numba_threads(threads):
+            compiled.run_rows(cb, *args, mp, chunk, jt)
     return out[:m, :n]

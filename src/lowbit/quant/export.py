@@ -167,9 +167,9 @@ class PackedBinaryLayer(_PackedBase):
         plan = self._cache.get(key)
         if plan is None and key not in self._cache:
             c, h, w = shape
+            stride = self.stride
             if self._subsample():
-                h, w = -(-h // self.stride[0]), -(-w // self.stride[1])
-            stride = (1, 1) if self._subsample() else self.stride
+                h, w, stride = -(-h // stride[0]), -(-w // stride[1]), (1, 1)
             ho, wo = _out_size(h, w, self.kernel_size, stride, self.padding, self.dilation)
             if self._tight() and binary_conv.available():
                 plan = binary_conv.plan_conv(self._tap_signs(), c, self.kernel_size, stride, self.padding,
@@ -333,25 +333,16 @@ def export(qmodel: nn.Module, fold_batchnorm: bool = True, channels_last: bool =
     the packed layers' (no layout changes between layers; torch's NCHW max-pool is ~9x slower).
     Outputs match the fake-quantized model up to float rounding (exactly per layer with
     ``fold_batchnorm=False``)."""
-    import warnings
-
-    from lowbit.quant.mixed import conv_bn_pairs
+    from lowbit.quant.mixed import foldable_conv_bn_pairs
 
     model = copy.deepcopy(qmodel).eval()
-    pairs = []
-    if fold_batchnorm:
-        try:
-            pairs = conv_bn_pairs(model)
-        except Exception as err:  # a model torch.fx cannot trace: exported as it is
-            warnings.warn(f"export: BatchNorm not folded, the model could not be traced ({err})")
+    pairs = foldable_conv_bn_pairs(model, "export") if fold_batchnorm else []  # traced before packing
     for name, layer in [(n, m) for n, m in model.named_modules() if isinstance(m, QUANT_LAYERS)]:
         if layer.grad_quantizer is not None:
             layer.grad_quantizer = None
         set_submodule(model, name, _packed_for(name, layer))
     for conv_name, bn_name in pairs:
         conv, bn = model.get_submodule(conv_name), model.get_submodule(bn_name)
-        if not bn.track_running_stats:
-            continue
         if isinstance(conv, PackedBinaryLayer):
             conv.fold_batchnorm(bn)
         elif type(conv) is nn.Conv2d:

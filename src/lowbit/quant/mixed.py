@@ -173,6 +173,19 @@ def conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
     return pairs
 
 
+def foldable_conv_bn_pairs(model: nn.Module, who: str) -> list[tuple[str, str]]:
+    """``conv_bn_pairs`` whose BatchNorm keeps running statistics (so it can be folded); a model
+    torch.fx cannot trace gives no pairs and a warning naming ``who``."""
+    import warnings
+
+    try:
+        pairs = conv_bn_pairs(model)
+    except Exception as err:  # data-dependent control flow and the like
+        warnings.warn(f"{who}: BatchNorm not folded, the model could not be traced ({err})")
+        return []
+    return [(conv, bn) for conv, bn in pairs if model.get_submodule(bn).track_running_stats]
+
+
 def fold_batchnorm(model: nn.Module) -> nn.Module:
     """An eval-mode copy with every Conv2d -> BatchNorm2d pair folded into the conv and the
     BatchNorm replaced by nn.Identity (the input model is not modified).
@@ -180,20 +193,12 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
     torch.fx traces the model only to find the pairs (``conv_bn_pairs``); the copy keeps the
     model's own classes and forward, so its blocks can still be hooked and run on their own. A
     model fx cannot trace is returned unfolded with a warning."""
-    import warnings
-
     from torch.nn.utils.fusion import fuse_conv_bn_eval
 
     folded = copy.deepcopy(model).eval()
     if not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules()):
         return folded
-    try:
-        pairs = conv_bn_pairs(folded)
-    except Exception as err:  # data-dependent control flow and the like
-        warnings.warn(f"fold_batchnorm: the model could not be traced ({err}); BatchNorm left unfolded")
-        return folded
-    for conv, bn in pairs:
-        if folded.get_submodule(bn).track_running_stats:
-            set_submodule(folded, conv, fuse_conv_bn_eval(folded.get_submodule(conv), folded.get_submodule(bn)))
-            set_submodule(folded, bn, nn.Identity())
+    for conv, bn in foldable_conv_bn_pairs(folded, "fold_batchnorm"):
+        set_submodule(folded, conv, fuse_conv_bn_eval(folded.get_submodule(conv), folded.get_submodule(bn)))
+        set_submodule(folded, bn, nn.Identity())
     return folded

@@ -163,13 +163,12 @@ def reconstruct(unit_q: nn.Module, unit_fp: nn.Module, x_fp: torch.Tensor, x_q: 
                 m.weight.copy_(m.weight_quantizer())
                 m.weight_quantizer = None
     if borders:
-        _learn_borders(unit_q, borders, error, len(x_fp), iters, lr * BORDER_LR_RATIO, rows, gen)
+        _learn_borders(borders, error, len(x_fp), iters, lr * BORDER_LR_RATIO, rows, gen)
     with torch.no_grad():
         return float(error(torch.randint(0, len(x_fp), (rows,), generator=gen)))
 
 
-def _learn_borders(unit_q: nn.Module, borders: list, error, n: int, iters: int, lr: float, rows: int,
-                   gen: torch.Generator) -> None:
+def _learn_borders(borders: list, error, n: int, iters: int, lr: float, rows: int, gen: torch.Generator) -> None:
     params = [p for b in borders for p in (b.a, b.b)]
     with torch.enable_grad():
         for p in params:
