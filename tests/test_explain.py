@@ -140,6 +140,40 @@ def test_shear_finds_the_interacting_pair():
     assert torch.allclose(shapley(f, x, base, "shear", budget=4), exact, atol=1e-5)
 
 
+def test_batched_hessian_matches_functorch_per_instance():
+    from lowbit.explain.shear import hessian_interactions_batch
+
+    torch.manual_seed(1)
+    net = nn.Sequential(nn.Linear(M, 16), nn.Tanh(), nn.Linear(16, 3))
+    xs, ref = torch.randn(4, M), torch.randn(M)
+    targets = [0, 2, 1, 2]  # one class per instance
+    eta = hessian_interactions_batch(net, xs, ref, targets)
+    assert eta.shape == (4, M, M) and eta.dtype == torch.float64
+    for b, t in enumerate(targets):
+        h = torch.func.hessian(lambda z: net(z[None])[0, t])(xs[b]).double()
+        d = (xs[b] - ref).abs().double()
+        expect = h.abs() * d[:, None] * d[None, :]
+        expect.fill_diagonal_(0)
+        assert torch.allclose(eta[b], expect, rtol=1e-4, atol=1e-7)
+    # the batched path inside shapley() gives what one instance at a time gives
+    f = lambda z: net(z)[:, 0]  # noqa: E731
+    both = shapley(f, xs[:2], ref, "shear", budget=8, seed=5)
+    assert torch.allclose(both[0], shapley(f, xs[0], ref, "shear", budget=8, seed=5), atol=1e-6)
+
+
+def test_group_interactions_take_the_max_over_each_pair_of_blocks():
+    from lowbit.explain.shear import group_interactions
+
+    torch.manual_seed(0)
+    eta = torch.rand(9, 9, dtype=torch.float64)
+    eta = eta + eta.T
+    groups = [[0], [1, 2, 3], [4], [5, 6], [7, 8]]
+    out = group_interactions(eta, groups)
+    for a, ga in enumerate(groups):
+        for b, gb in enumerate(groups):
+            assert out[a, b] == (0.0 if a == b else eta[ga][:, gb].max())
+
+
 def test_shear_refuses_models_without_second_derivatives():
     f = _model(act=nn.ReLU)
     x, base = torch.randn(M), torch.randn(M)

@@ -13,7 +13,7 @@ from lowbit.explain.shear import (
     NotDifferentiable,
     finite_difference_interactions,
     group_interactions,
-    hessian_interactions,
+    hessian_interactions_batch,
     shear_shapley,
 )
 from lowbit.explain.value import Model, ValueFunction, check_groups
@@ -100,8 +100,14 @@ def shapley(
     targets = _targets(target, xs.shape[0])
     gen = torch.Generator().manual_seed(seed)
     values, base, full, evals, secs = [], [], [], [], []
-    for b in range(xs.shape[0]):
+    etas, eta_secs = None, 0.0
+    if method == "shear" and interactions == "hessian":  # one batched Hessian for all instances
         t0 = time.perf_counter()
+        etas = hessian_interactions_batch(model, xs, background.mean(0), targets)
+        etas = [group_interactions(e, players) for e in etas]
+        eta_secs = (time.perf_counter() - t0) / xs.shape[0]  # its share of each instance's time
+    for b in range(xs.shape[0]):
+        t0 = time.perf_counter() - eta_secs
         v = ValueFunction(model, xs[b], background, players, targets[b], batch_size)
         total = int(budget) * p
         if method == "exact":
@@ -111,10 +117,7 @@ def shapley(
         elif method == "kernel":
             phi = kernel_shapley(v, total, gen)
         else:
-            if interactions == "hessian":
-                eta = group_interactions(hessian_interactions(model, xs[b], background.mean(0), targets[b]), players)
-            else:
-                eta = finite_difference_interactions(v)
+            eta = etas[b] if etas is not None else finite_difference_interactions(v)
             phi = shear_shapley(v, eta, int(budget), gen, shear_outside)
         secs.append(time.perf_counter() - t0)
         evals.append(v.evaluations)

@@ -28,27 +28,41 @@ class NotDifferentiable(ValueError):
 
 def hessian_interactions(model: Model, x: torch.Tensor, reference: torch.Tensor, target=None) -> torch.Tensor:
     """|H(x)| * |x - r| outer |x - r| over features: float64 [M, M], zero diagonal."""
-    def f(z):
-        return model_output(model, z[None], target)[0]
+    return hessian_interactions_batch(model, x[None], reference, [target])[0]
 
+
+def hessian_interactions_batch(model: Model, xs: torch.Tensor, reference: torch.Tensor, targets: list) -> torch.Tensor:
+    """:func:`hessian_interactions` of every row of ``xs`` [B, M] at once: float64 [B, M, M].
+
+    One forward of the whole batch, its input gradient with a graph, then one backward per
+    feature j (row j of every instance's Hessian): M + 1 backward passes for the batch instead
+    of a functorch Hessian per instance. The model must treat rows independently (eval mode)."""
+    tgt = targets[0] if all(t == targets[0] for t in targets) else torch.tensor(targets)
+    b, m = xs.shape
     try:
         with torch.enable_grad():
-            h = torch.func.hessian(f)(x.detach().clone())  # forward-over-reverse, one vectorised call
-    except (RuntimeError, NotImplementedError) as e:
+            z = xs.detach().clone().requires_grad_(True)
+            (g,) = torch.autograd.grad(model_output(model, z, tgt).sum(), z, create_graph=True)
+            h = torch.zeros(b, m, m, dtype=xs.dtype)
+            if g.requires_grad:  # else the gradient is constant in x: a zero Hessian
+                for j in range(m):
+                    (row,) = torch.autograd.grad(g[:, j].sum(), z, retain_graph=j < m - 1, allow_unused=True)
+                    if row is not None:
+                        h[:, j] = row.detach()
+    except (RuntimeError, NotImplementedError, TypeError) as e:
         raise NotDifferentiable(
             f"SHEAR needs second derivatives of the model and autograd could not take them ({e}); "
             "use interactions='finite-difference'") from None
     if not torch.isfinite(h).all():
         raise NotDifferentiable("SHEAR: the model's Hessian at x is not finite; use interactions='finite-difference'")
-    h = h.detach()
-    d = (x - reference).abs().double()
-    eta = h.abs().double() * d[:, None] * d[None, :]
-    if float(eta.abs().sum()) == 0.0 and x.shape[0] > 1:
+    d = (xs.detach() - reference).abs().double()
+    eta = h.abs().double() * d[:, :, None] * d[:, None, :]
+    if m > 1 and bool((eta.flatten(1).sum(1) == 0).any()):
         raise NotDifferentiable(
             "SHEAR: the model's second derivatives are zero at x (a piecewise-linear model such as a ReLU "
             "network?), so they cannot rank cooperators; use interactions='finite-difference' or a smooth "
             "activation (softplus, GELU)")
-    eta.fill_diagonal_(0)
+    eta.diagonal(dim1=1, dim2=2).zero_()
     return eta
 
 
@@ -76,12 +90,13 @@ def group_interactions(eta: torch.Tensor, groups: list[list[int]]) -> torch.Tens
     p = len(groups)
     if all(len(g) == 1 for g in groups):
         return eta[[g[0] for g in groups]][:, [g[0] for g in groups]]
-    out = torch.zeros(p, p, dtype=eta.dtype)
-    for a, ga in enumerate(groups):
-        for b, gb in enumerate(groups):
-            if a != b:
-                out[a, b] = eta[ga][:, gb].max()
-    return out
+    member = torch.zeros(p, eta.shape[0], dtype=torch.bool)
+    for a, g in enumerate(groups):
+        member[a, g] = True
+    low = torch.tensor(-math.inf, dtype=eta.dtype)
+    rows = torch.where(member[:, :, None], eta[None], low).amax(1)  # [P, M]: max over block a's rows
+    out = torch.where(member[None], rows[:, None, :], low).amax(2)  # [P, P]: and over block b's columns
+    return out.fill_diagonal_(0)
 
 
 def cooperators_for_budget(budget: int, players: int) -> int:
@@ -107,31 +122,26 @@ def shear_shapley(v: ValueFunction, eta: torch.Tensor, budget: int, generator: t
     sizes = sub.sum(1)
     weight = torch.tensor([1.0 / (n * math.comb(n - 1, int(s))) for s in sizes], dtype=torch.float64)
     half = 2 ** (k - 1) if k else 1
-    without, with_i = [], []
-    for i in range(p):
-        score = eta[i].clone()
-        score[i] = -math.inf
-        coop = torch.topk(score, k).indices if k else torch.zeros(0, dtype=torch.long)
-        group = torch.cat([coop, torch.tensor([i])])
-        rest = torch.ones(p, dtype=torch.bool)  # the players outside {i} + C_i
-        rest[group] = False
+    score = eta.clone()
+    score.fill_diagonal_(-math.inf)
+    coop = torch.topk(score, k, dim=1).indices if k else torch.zeros(p, 0, dtype=torch.long)  # [P, K]
+    group = torch.cat([coop, torch.arange(p)[:, None]], dim=1)  # [P, K+1]: each player's game
+    rest = torch.ones(p, p, dtype=torch.bool).scatter_(1, group, False)  # [P, P]: outside that game
+    if outside == "uniform":
+        r = torch.rand(p, half, p, generator=generator) < 0.5
+    else:
         # one uniform random order per pair of complementary coalitions; the group's positions in it
         # are relabelled so that exactly S comes before i: i takes the (|S|+1)-th group position
-        if outside == "uniform":
-            r = torch.rand(half, int(rest.sum()), generator=generator) < 0.5
-        else:
-            ranks = torch.argsort(torch.rand(half, p, generator=generator), dim=1)
-            group_pos = ranks[:, group].sort(dim=1).values  # [half, k+1]
-            i_pos = group_pos.gather(1, sizes[:half].reshape(-1, 1))  # [half, 1]
-            r = ranks[:, rest] < i_pos  # outside players before i
-        rmask = torch.cat([r, ~r.flip(0)]) if k else r  # row 2^k-1-j is the complement of row j
-        m = torch.zeros(2**k, p, dtype=torch.bool)
-        m[:, coop] = sub
-        m[:, rest] = rmask
-        without.append(m.clone())
-        m[:, i] = True
-        with_i.append(m)
-    masks = torch.cat([torch.cat(without), torch.cat(with_i)])
+        ranks = torch.argsort(torch.rand(p, half, p, generator=generator), dim=2)  # [P, half, P]
+        group_pos = ranks.gather(2, group[:, None, :].expand(p, half, n)).sort(dim=2).values
+        i_pos = group_pos.gather(2, sizes[:half].reshape(1, half, 1).expand(p, half, 1))
+        r = ranks < i_pos  # outside players before i
+    rmask = torch.cat([r, ~r.flip(1)], dim=1) if k else r  # coalition 2^k-1-j is the complement of j
+    without = rmask & rest[:, None, :]  # [P, 2^K, P]
+    without.scatter_(2, coop[:, None, :].expand(p, 2**k, k), sub[None].expand(p, 2**k, k))
+    with_i = without.clone()
+    with_i[torch.arange(p), :, torch.arange(p)] = True
+    masks = torch.cat([without.reshape(-1, p), with_i.reshape(-1, p)])
     vals = v(masks)
     half_n = p * 2**k
     diff = (vals[half_n:] - vals[:half_n]).reshape(p, 2**k)
