@@ -20,6 +20,7 @@ from lowbit.explain.value import Model, ValueFunction, check_groups
 
 METHODS = ("exact", "permutation", "antithetic", "kernel", "shear")
 DEFAULT_BUDGET = 16
+_HESSIAN_ELEMENTS = 1 << 22  # per batched Hessian call (16 MiB of float32)
 
 
 @dataclass
@@ -103,8 +104,10 @@ def shapley(
     etas, eta_secs = None, 0.0
     if method == "shear" and interactions == "hessian":  # one batched Hessian for all instances
         t0 = time.perf_counter()
-        etas = hessian_interactions_batch(model, xs, background.mean(0), targets)
-        etas = [group_interactions(e, players) for e in etas]
+        rows = max(1, _HESSIAN_ELEMENTS // xs.shape[1] ** 2)  # chunks keep [rows, M, M] small
+        etas = [group_interactions(e, players)
+                for c in range(0, xs.shape[0], rows)
+                for e in hessian_interactions_batch(model, xs[c : c + rows], background.mean(0), targets[c : c + rows])]
         eta_secs = (time.perf_counter() - t0) / xs.shape[0]  # its share of each instance's time
     for b in range(xs.shape[0]):
         t0 = time.perf_counter() - eta_secs

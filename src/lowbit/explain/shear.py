@@ -32,7 +32,7 @@ def hessian_interactions(model: Model, x: torch.Tensor, reference: torch.Tensor,
 
 
 def hessian_interactions_batch(model: Model, xs: torch.Tensor, reference: torch.Tensor, targets: list) -> torch.Tensor:
-    """:func:`hessian_interactions` of every row of ``xs`` [B, M] at once: float64 [B, M, M].
+    """:func:`hessian_interactions` of every row of ``xs`` [B, M] at once: float64 [B, M, M] (host).
 
     One forward of the whole batch, its input gradient with a graph, then one backward per
     feature j (row j of every instance's Hessian): M + 1 backward passes for the batch instead
@@ -43,7 +43,7 @@ def hessian_interactions_batch(model: Model, xs: torch.Tensor, reference: torch.
         with torch.enable_grad():
             z = xs.detach().clone().requires_grad_(True)
             (g,) = torch.autograd.grad(model_output(model, z, tgt).sum(), z, create_graph=True)
-            h = torch.zeros(b, m, m, dtype=xs.dtype)
+            h = torch.zeros(b, m, m, dtype=xs.dtype, device=xs.device)
             if g.requires_grad:  # else the gradient is constant in x: a zero Hessian
                 for j in range(m):
                     (row,) = torch.autograd.grad(g[:, j].sum(), z, retain_graph=j < m - 1, allow_unused=True)
@@ -63,7 +63,7 @@ def hessian_interactions_batch(model: Model, xs: torch.Tensor, reference: torch.
             "network?), so they cannot rank cooperators; use interactions='finite-difference' or a smooth "
             "activation (softplus, GELU)")
     eta.diagonal(dim1=1, dim2=2).zero_()
-    return eta
+    return eta.cpu()  # cooperator selection and the coalition masks are small host work
 
 
 def finite_difference_interactions(v: ValueFunction) -> torch.Tensor:
