@@ -138,6 +138,10 @@ def test_ptq_benchmark_writes_json_table_and_plot(tmp_path):
     mixed_only = {**res, "models": {"resnet": {**data, "rows": []}}}  # `--parts mixed`: no methods table
     ptq_bench.plot(mixed_only, tmp_path / "mixed.png")
     assert "| W8A8 |" not in ptq_bench.table_markdown(mixed_only) and (tmp_path / "mixed.png").exists()
+    # results of older runs kept HAWQ's summed sensitivity (a number) where the name now is
+    old = [{**r, "sensitivity": 0.5} for r in data["mixed"] if r["sensitivity"] in ("hessian", "")]
+    old_md = ptq_bench.table_markdown({**res, "models": {"resnet": {**data, "rows": [], "mixed": old}}})
+    assert "mixed (hessian)" in old_md and "(0.5)" not in old_md
 
 
 def test_random_allocation_stays_within_budget():

@@ -131,8 +131,7 @@ def _checks(res: dict) -> dict:
     w8a8 = {m: res["float_accuracy"] - a for (w, b, m), a in cells.items() if (w, b) == (8, 8)}
     vs = [{"w_bits": w, "a_bits": b, "margin": a - cells[(w, b, "adaround")]}
           for (w, b, m), a in cells.items() if m == "aquant" and (w, b, "adaround") in cells]
-    mixed = {(r["allocation"], r.get("sensitivity", "hessian" if r["allocation"] == "mixed" else ""),
-              r["budget_bits"], r["method"]): r["accuracy"] for r in res["mixed"]}
+    mixed = {(r["allocation"], _sensitivity_name(r), r["budget_bits"], r["method"]): r["accuracy"] for r in res["mixed"]}
     beats = [{"budget_bits": avg, "sensitivity": how, "method": m, "mixed": acc,
               "uniform": mixed.get(("uniform", "", avg, m)), "random": mixed.get(("random", "", avg, m))}
              for (kind, how, avg, m), acc in mixed.items() if kind == "mixed"]
@@ -140,11 +139,18 @@ def _checks(res: dict) -> dict:
             "aquant_vs_adaround": vs, "mixed_vs_uniform_random": beats}
 
 
-def _allocation_label(row: dict) -> str:
-    """"mixed (kl)", "mixed (hessian)", "uniform", "random" (rows of older runs have no sensitivity: HAWQ's)."""
+def _sensitivity_name(row: dict) -> str:
+    """How a mixed row's widths were allocated ("kl", "hessian"); "" for uniform and random rows.
+    Rows of older runs have no name there (or HAWQ's summed sensitivity, a number): Hessian."""
     if row["allocation"] != "mixed":
-        return row["allocation"]
-    return f"mixed ({row.get('sensitivity', 'hessian')})"
+        return ""
+    how = row.get("sensitivity")
+    return how if isinstance(how, str) else "hessian"
+
+
+def _allocation_label(row: dict) -> str:
+    """"mixed (kl)", "mixed (hessian)", "uniform", "random"."""
+    return f"mixed ({_sensitivity_name(row)})" if row["allocation"] == "mixed" else row["allocation"]
 
 
 def table_markdown(results: dict) -> str:
