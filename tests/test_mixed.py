@@ -57,6 +57,7 @@ def test_allocation_is_optimal_and_within_budget(seed):
         plan = quant.allocate_bits(sens, sizes, average_bits=avg)
         total = avg * sum(sizes.values())
         assert sum(sizes[n] * b for n, b in plan.items()) <= total + 1e-6
+        assert quant.average_bits(plan, sizes) <= avg + 1e-9
         assert sum(sens[n][plan[n]] for n in names) == pytest.approx(_brute_force(sens, sizes, total))
     plan = quant.allocate_bits(sens, sizes, budget_bytes=sum(sizes.values()) * 3 / 8)
     assert sum(sizes[n] * b for n, b in plan.items()) <= sum(sizes.values()) * 3 + 1e-6
@@ -64,6 +65,7 @@ def test_allocation_is_optimal_and_within_budget(seed):
         quant.allocate_bits(sens, sizes, average_bits=1)
     with pytest.raises(ValueError, match="exactly one"):
         quant.allocate_bits(sens, sizes)
+    assert quant.average_bits({"a": 2, "b": 8}, {"a": 3, "b": 1}) == 3.5  # weighted by layer size
 
 
 def test_sensitivity_hessian_loss_and_kl_on_a_trained_model():

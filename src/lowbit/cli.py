@@ -264,8 +264,7 @@ def _ptq(args) -> int:
         sens = quant.sensitivity(folded, (calib, train[1][pick]), bits=(2, 3, 4, 8), how=args.sensitivity,
                                  layers=list(sizes))
         w_bits = quant.allocate_bits(sens, sizes, average_bits=args.average_bits)
-        used = sum(sizes[n] * b for n, b in w_bits.items()) / sum(sizes.values())
-        w_label = f"mixed {used:.2f}"
+        w_label = f"mixed {quant.average_bits(w_bits, sizes):.2f}"
         print(f"{args.sensitivity} allocation at {args.average_bits} average bits: {w_bits}")
     for method in args.method.split(","):
         t0 = time.perf_counter()

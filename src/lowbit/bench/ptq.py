@@ -113,7 +113,7 @@ def _mixed_precision(model, calib, labels, test, budgets, options, float_acc, pr
         plans.append(("uniform", "", float(b), {n: b for n in names}))
     rows = []
     for kind, how, avg, plan in plans:
-        bits_used = sum(sizes[n] * plan[n] for n in names) / sum(sizes.values())
+        bits_used = quant.average_bits(plan, sizes)
         # every plan's objective under every measure: a mixed plan must be optimal for its own
         totals = {h: sum(sens[n][plan[n]] for n in names) for h, sens in measured.items()}
         for method in MIXED_METHODS:

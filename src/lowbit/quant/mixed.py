@@ -113,6 +113,11 @@ def sensitivity(model: nn.Module, data: tuple[torch.Tensor, torch.Tensor], bits=
     return out
 
 
+def average_bits(plan: dict[str, int], sizes: dict[str, int]) -> float:
+    """Average width of a per-layer plan {layer: bits}, weighted by ``sizes`` {layer: weights}."""
+    return sum(sizes[n] * b for n, b in plan.items()) / sum(sizes[n] for n in plan)
+
+
 def allocate_bits(sens: dict[str, dict[int, float]], sizes: dict[str, int], average_bits: float | None = None,
                   budget_bytes: float | None = None) -> dict[str, int]:
     """Per-layer widths minimising sum_l sens[l][b_l] subject to sum_l sizes[l] * b_l <= budget,
