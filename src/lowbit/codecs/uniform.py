@@ -6,7 +6,7 @@ import warnings
 import torch
 
 from lowbit.codecs.base import Packed, check_packed, decode_stored_as_is
-from lowbit.kernels import group_minmax, quantize_pack, unpack_dequant
+from lowbit.kernels import quantize_pack, unpack_dequant
 
 SUPPORTED_BITS = (1, 2, 4, 8)
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -70,17 +70,15 @@ class UniformCodec:
         if t.numel() == 0:
             return Packed(self.name, t.shape, t.dtype, t.device, {}, {"mode": "empty"})
         x = _flat_float32(t)
-        gmin, gmax = group_minmax(x, group_size)
-        if not bool(torch.isfinite(gmin).all() & torch.isfinite(gmax).all()):
+        quantized = quantize_pack(x, group_size, bits, self.next_seed(), self.rounding == "stochastic")
+        if quantized is None:
             warnings.warn(
                 f"tensor of shape {tuple(t.shape)} holds NaN or Inf: stored exactly, not compressed",
                 RuntimeWarning,
                 stacklevel=2,
             )
             return Packed(self.name, t.shape, t.dtype, t.device, {"data": t}, {"mode": "raw"})
-        codes, mins, scales, wide = quantize_pack(
-            x, group_size, gmin, gmax, bits, self.next_seed(), self.rounding == "stochastic"
-        )
+        codes, mins, scales, wide = quantized
         if not bool(wide.any()):  # every (min, scale) is a float16 value: store them as such, exactly
             mins, scales = mins.half(), scales.half()
         info = {"mode": "quant", "bits": bits, "group_size": group_size}

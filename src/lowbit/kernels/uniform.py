@@ -13,7 +13,9 @@ and keeps the global torch RNG untouched (dropout masks stay the same with or wi
 compression).
 
 CPU tensors use the numba kernels (parallel over groups); every other device uses the torch
-reference, which is also what the tests compare the kernels against.
+reference, which is also what the tests compare the kernels against. The CPU quantizer finds
+each group's range itself, as the integer min/max of order keys of the float bits (which also
+shows NaN and Inf), so the tensor is read from memory once.
 """
 from __future__ import annotations
 
@@ -89,29 +91,55 @@ def _group_meta(mn, mx, levels, f32, u32):
             s16 = _to_half_grid((mx - m16) / levels, True, f32, u32)
             if s16 == np.float32(0.0) or s16 >= np.float32(_HALF_TINY):
                 return m16, s16, False
-    return mn, (mx - mn) / levels, True
+    return mn + np.float32(0.0), (mx - mn) / levels, True  # -0.0 -> +0.0: a stored -0.0 marks zero-preserving groups
+
+
+_KEY_NEG_INF = np.int32(-2139095041)  # _order_key of -inf (0xFF800000); NaNs with the sign bit sort below it
+_KEY_POS_INF = np.int32(0x7F800000)  # _order_key of +inf; NaNs without the sign bit sort above it
+
+
+@numba.njit(inline="always")
+def _order_key(b):
+    """float32 bits (as int32) -> an int32 that orders like the float (-0.0 just below +0.0). An
+    involution: applying it to a key gives the bits back."""
+    return np.int32(b ^ (np.int32(b >> np.int32(31)) & np.int32(0x7FFFFFFF)))  # int32 casts: numba widens to int64
+
+
+@numba.njit(inline="always")
+def _key_range(bs):
+    """(min, max) order keys of a group's float32 bits: integer min/max, which the compiler
+    vectorises (float min/max with NaN semantics it does not), and NaN/Inf show at the ends."""
+    mn = np.int32(0x7FFFFFFF)
+    mx = np.int32(-0x80000000)
+    for i in range(bs.shape[0]):
+        k = _order_key(bs[i])
+        mn = np.int32(min(mn, k))  # int32 lanes: twice as many per vector as numba's default int64
+        mx = np.int32(max(mx, k))
+    return mn, mx
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
-def _quantize_pack_nb(x, group_size, gmin, gmax, bits, seed, stochastic, ntasks, codes, mins, scales, wide):
+def _quantize_pack_nb(x, xb, group_size, bits, seed, stochastic, ntasks, codes, mins, scales, wide, bad):
     # ``ntasks`` (a few per thread) balances the load over the cores
-    ngroups = gmin.shape[0]
+    ngroups = mins.shape[0]
     chunk = (ngroups + ntasks - 1) // ntasks
     for task in numba.prange(ntasks):
-        _quantize_groups(x, group_size, gmin, gmax, bits, seed, stochastic, codes, mins, scales, wide,
+        _quantize_groups(x, xb, group_size, bits, seed, stochastic, codes, mins, scales, wide, bad,
                          task * chunk, min(ngroups, (task + 1) * chunk))
 
 
 @numba.njit(cache=True, nogil=True)
-def _quantize_pack_serial_nb(x, group_size, gmin, gmax, bits, seed, stochastic, codes, mins, scales, wide):
+def _quantize_pack_serial_nb(x, xb, group_size, bits, seed, stochastic, codes, mins, scales, wide, bad):
     # small tensors: waking the worker threads costs more than it saves
-    _quantize_groups(x, group_size, gmin, gmax, bits, seed, stochastic, codes, mins, scales, wide, 0, gmin.shape[0])
+    _quantize_groups(x, xb, group_size, bits, seed, stochastic, codes, mins, scales, wide, bad, 0, mins.shape[0])
 
 
 @numba.njit(nogil=True)
-def _quantize_groups(x, group_size, gmin, gmax, bits, seed, stochastic, codes, mins, scales, wide, g0, g1):
-    # Per group: storable (min, scale), codes into a small buffer (a flat loop the compiler
-    # vectorises), then the dense packing.
+def _quantize_groups(x, xb, group_size, bits, seed, stochastic, codes, mins, scales, wide, bad, g0, g1):
+    # Per group (read from memory once, then from L1): range and finiteness from the order keys of
+    # its bits, storable (min, scale), codes into a small buffer (a flat loop the compiler
+    # vectorises), then the dense packing. ``xb`` is ``x``'s int32 view. A group holding NaN or
+    # Inf is only flagged in ``bad`` (the caller then stores the tensor exactly).
     n = x.shape[0]
     levels = np.float32((1 << bits) - 1)
     zero = np.float32(0.0)
@@ -121,15 +149,24 @@ def _quantize_groups(x, group_size, gmin, gmax, bits, seed, stochastic, codes, m
         buf = np.empty(group_size + 8, np.uint8)
         f32 = np.empty(1, np.float32)
         u32 = f32.view(np.uint32)
+        i32 = f32.view(np.int32)
         for g in range(g0, g1):
             s = g * group_size
             e = min(s + group_size, n)
-            zp = bits > 1 and gmin[g] == zero and gmax[g] > zero
+            kmin, kmax = _key_range(xb[s:e])
+            if kmin <= _KEY_NEG_INF or kmax >= _KEY_POS_INF:
+                bad[g] = True
+                continue
+            i32[0] = _order_key(kmin)
+            gmin = f32[0]
+            i32[0] = _order_key(kmax)
+            gmax = f32[0]
+            zp = bits > 1 and gmin == zero and gmax > zero
             if zp:  # zero-preserving group: code 0 is exact zero, positives take codes 1..levels
-                m, sc, w = _group_meta(zero, gmax[g], levels - np.float32(1.0), f32, u32)
+                m, sc, w = _group_meta(zero, gmax, levels - np.float32(1.0), f32, u32)
                 m, top, off, cut = np.float32(-0.0), np.int32(ilevels - 1), np.int32(1), zero
             else:
-                m, sc, w = _group_meta(gmin[g], gmax[g], levels, f32, u32)
+                m, sc, w = _group_meta(gmin, gmax, levels, f32, u32)
                 top, off, cut = np.int32(ilevels), np.int32(0), np.float32(-np.inf)
             mins[g] = m
             scales[g] = sc
@@ -362,7 +399,8 @@ def group_meta_torch(gmin: torch.Tensor, gmax: torch.Tensor, levels: int) -> tup
     s16 = _to_half_grid_torch((gmax - m16) / levels, True)
     ok = (torch.maximum(gmin.abs(), gmax.abs()) < _HALF_MAX) & (gmin - m16 <= _MIN_LOSS * (gmax - gmin))
     ok &= (s16 == 0) | (s16 >= _HALF_TINY)
-    return torch.where(ok, m16, gmin), torch.where(ok, s16, (gmax - gmin) / levels), ~ok
+    # + 0.0: a -0.0 minimum is stored as +0.0 (a stored -0.0 marks zero-preserving groups)
+    return torch.where(ok, m16, gmin + 0.0), torch.where(ok, s16, (gmax - gmin) / levels), ~ok
 
 
 def quantize_pack_torch(
@@ -459,26 +497,34 @@ def unpack_bits_torch(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
 # dispatch
 # ----------------------------------------------------------------------------------------
 def quantize_pack(
-    x: torch.Tensor, group_size: int, gmin: torch.Tensor, gmax: torch.Tensor, bits: int, seed: int, stochastic: bool
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x: flat contiguous float32 [n]; gmin/gmax: finite per-group min/max float32 [ngroups].
+    x: torch.Tensor, group_size: int, bits: int, seed: int, stochastic: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """x: flat contiguous float32 [n], n > 0. Group ranges are found in the same pass (one read of
+    ``x`` on CPU).
 
     Returns (codes uint8 [packed_nbytes(n, group_size, bits)], mins float32, scales float32, needs_float32 bool),
     the last three [ngroups]: the (min, scale) the codes were made with, which are float16
-    values wherever ``needs_float32`` is False."""
+    values wherever ``needs_float32`` is False. None when ``x`` holds NaN or Inf."""
     if x.device.type != "cpu":
+        gmin, gmax = group_minmax(x, group_size)
+        if not bool(torch.isfinite(gmin).all() & torch.isfinite(gmax).all()):
+            return None
         return quantize_pack_torch(x, group_size, gmin, gmax, bits, seed, stochastic)
-    ngroups = gmin.numel()
+    ngroups = -(-x.numel() // group_size)
     codes = torch.empty(packed_nbytes(x.numel(), group_size, bits), dtype=torch.uint8)
     mins = torch.empty(ngroups, dtype=torch.float32)
     scales = torch.empty(ngroups, dtype=torch.float32)
     wide = torch.empty(ngroups, dtype=torch.bool)
-    arrays = (codes.numpy(), mins.numpy(), scales.numpy(), wide.numpy())
+    bad = torch.zeros(ngroups, dtype=torch.bool)
+    xn = x.numpy()
+    arrays = (codes.numpy(), mins.numpy(), scales.numpy(), wide.numpy(), bad.numpy())
     if x.numel() < _PARALLEL_MIN:
-        _quantize_pack_serial_nb(x.numpy(), group_size, gmin.numpy(), gmax.numpy(), bits, seed, stochastic, *arrays)
+        _quantize_pack_serial_nb(xn, xn.view(np.int32), group_size, bits, seed, stochastic, *arrays)
     else:
         ntasks = min(4 * numba.get_num_threads(), ngroups)
-        _quantize_pack_nb(x.numpy(), group_size, gmin.numpy(), gmax.numpy(), bits, seed, stochastic, ntasks, *arrays)
+        _quantize_pack_nb(xn, xn.view(np.int32), group_size, bits, seed, stochastic, ntasks, *arrays)
+    if bool(bad.any()):
+        return None
     return codes, mins, scales, wide
 
 
