@@ -33,7 +33,8 @@ def test_act_benchmark_writes_json_table_and_plot(tmp_path):
     assert [r["label"] for r in data["rows"]] == ["none", "uniform-4"]
     row = data["rows"][1]
     assert row["memory_ratio"] > 3 and row["grad_cosine"] > 0.97
-    assert (tmp_path / "act.md").read_text().startswith("| model")
+    assert row["time_ratio"] == row["paired_time_ratio"] > 0 and row["train_time_ratio"] > 0
+    assert (tmp_path / "act.md").read_text().startswith("| model") and "(paired)" in (tmp_path / "act.md").read_text()
     assert (tmp_path / "act.png").exists()
     assert res["rows"][0]["metric_delta"] == 0
 
