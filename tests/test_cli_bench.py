@@ -39,6 +39,16 @@ def test_act_benchmark_writes_json_table_and_plot(tmp_path):
     assert res["rows"][0]["metric_delta"] == 0
 
 
+def test_act_time_only_writes_paired_ratios(tmp_path):
+    out = tmp_path / "t"
+    assert main(["bench", "act", "--time-only", "--quick", "--models", "resnet", "--methods", "none,uniform-2",
+                 "--out", str(out)]) == 0
+    rows = json.loads((out / "act-time.json").read_text())["rows"]
+    assert [r["label"] for r in rows] == ["uniform-2"]  # none is the reference, not a row
+    assert rows[0]["paired_time_ratio"] > 0 and rows[0]["paired_base_step_time_s"] > 0
+    assert "(paired)" in (out / "act-time.md").read_text()
+
+
 def test_quantize_command_trains_and_saves(tmp_path, capsys):
     path = tmp_path / "q.pt"
     assert main(["quantize", "--recipe", "sbnn", "--data", "digits", "--limit", "256", "--epochs", "1",

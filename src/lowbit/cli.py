@@ -61,8 +61,12 @@ def _bench(args) -> int:
             from lowbit.bench.common import ALL_METHODS
 
             methods = ALL_METHODS
-        act.run(models=(args.models or "resnet,vit,gpt").split(","), quick=args.quick, out=args.out, memory=not args.no_memory,
-                **({"methods": methods} if methods else {}))
+        models = (args.models or "resnet,vit,gpt").split(",")
+        if args.time_only:
+            act.step_times(models=models, quick=args.quick, out=args.out, **({"methods": methods} if methods else {}))
+        else:
+            act.run(models=models, quick=args.quick, out=args.out, memory=not args.no_memory,
+                    **({"methods": methods} if methods else {}))
     elif args.what == "quant":
         from lowbit.bench import quant as quant_bench
 
@@ -402,12 +406,14 @@ def main(argv=None) -> int:
                    "division, comet, mesa)")
     b.add_argument("--quick", action="store_true", help="small data and few steps (smoke test)")
     b.add_argument("--no-memory", action="store_true", help="skip the child-process RSS measurement")
+    b.add_argument("--time-only", action="store_true", help="act: only each method's step time against none, "
+                   "in alternating steps (no training; results/act-time)")
     b.add_argument("--numel", type=int, default=1 << 25, help="codec bench tensor size")
     b.add_argument("--out", default="results")
     b.set_defaults(func=_bench)
     args = p.parse_args(argv)
     if args.cmd == "bench" and args.out == "results":
-        args.out = f"results/{args.what}"
+        args.out = f"results/{args.what}" + ("-time" if getattr(args, "time_only", False) else "")
     if args.cmd == "quantize" and args.recipe != "float" and args.recipe not in _recipe_names():
         p.error(f"unknown recipe {args.recipe!r}: choose one of float, {', '.join(_recipe_names())}")
     if args.cmd == "dist-train":

@@ -109,6 +109,64 @@ def paired_step_ratio(model_name: str, method: str, bits, batch, loss_fn, seed: 
             "paired_step_time_s": statistics.median(times[1]), "paired_base_step_time_s": statistics.median(times[0])}
 
 
+def _model_data(model_name: str, cfg: dict, log=print):
+    """(fixed batch {"x", "y", "model_kwargs"}, loss function, data name, training data: the
+    corpus for the GPT, (train, test) for the image models)."""
+    if model_name == "gpt":
+        corpus = fortunes_corpus()
+        model_kwargs = {"vocab_size": corpus.vocab_size}
+        bx, by = corpus.batch(cfg["batch_size"], 64, torch.Generator().manual_seed(99))
+        return {"x": bx, "y": by, "model_kwargs": model_kwargs}, _lm_loss, "fortunes", corpus
+    train, test, data_name = image_data(limit=cfg.get("limit"), test_limit=cfg.get("limit"), notice=log)
+    model_kwargs = {"image_size": train[0].shape[-1]}
+    batch = {"x": train[0][: cfg["batch_size"]], "y": train[1][: cfg["batch_size"]], "model_kwargs": model_kwargs}
+    return batch, F.cross_entropy, data_name, (train, test)
+
+
+def step_times(models=("resnet", "vit", "gpt"), methods=METHODS, quick: bool = False, out: str | Path = "results/act-time",
+               pairs: int | None = None, seed: int = 0, log=print) -> dict:
+    """`lowbit bench act --time-only`: only the paired step-time ratio of each method to none
+    (:func:`paired_step_ratio`) at the benchmark's batch sizes, no training: a few seconds per row."""
+    cfgs = QUICK if quick else DEFAULTS
+    pairs = pairs or (4 if quick else 30)
+    results: dict = {"quick": quick, "seed": seed, "threads": torch.get_num_threads(), "pairs": pairs, "rows": []}
+    for model_name in models:
+        batch, loss_fn, _, _ = _model_data(model_name, cfgs[model_name], log)
+        for method, bits in methods:
+            if method == "none":
+                continue
+            row = {"model": model_name, "label": method_label(method, bits), "batch_size": cfgs[model_name]["batch_size"],
+                   **paired_step_ratio(model_name, method, bits, batch, loss_fn, seed, pairs=pairs)}
+            results["rows"].append(row)
+            log(f"{model_name}/{row['label']}: step x{row['paired_time_ratio']:.2f} "
+                f"({row['paired_step_time_s'] * 1e3:.1f} vs {row['paired_base_step_time_s'] * 1e3:.1f} ms)")
+    save_results(results, out, "act-time", _time_table, _time_plot, log)
+    return results
+
+
+def _time_table(results: dict) -> str:
+    rows = [[r["model"], r["label"], r["batch_size"], round(r["paired_base_step_time_s"] * 1e3, 1),
+             round(r["paired_step_time_s"] * 1e3, 1), round(r["paired_time_ratio"], 2)] for r in results["rows"]]
+    return markdown_table(["model", "method", "batch", "none ms", "method ms", "step time × (paired)"], rows)
+
+
+def _time_plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = results["rows"]
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.6 * len(rows)), 3.2))
+    ax.bar(range(len(rows)), [r["paired_time_ratio"] for r in rows])
+    ax.axhline(1.0, color="gray", lw=0.8)
+    ax.set_xticks(range(len(rows)), [f"{r['model']}\n{r['label']}" for r in rows], fontsize=7)
+    ax.set_ylabel("step time / plain autograd")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def _lm_loss(out, t):
     return F.cross_entropy(out.reshape(-1, out.shape[-1]), t.reshape(-1))
 
@@ -119,17 +177,8 @@ def run(models=("resnet", "vit", "gpt"), methods=METHODS, quick: bool = False, o
     results: dict = {"quick": quick, "seed": seed, "threads": torch.get_num_threads(), "rows": []}
     for model_name in models:
         cfg = cfgs[model_name]
-        if model_name == "gpt":
-            corpus = fortunes_corpus()
-            model_kwargs = {"vocab_size": corpus.vocab_size}
-            bx, by = corpus.batch(cfg["batch_size"], 64, torch.Generator().manual_seed(99))
-            batch = {"x": bx, "y": by, "model_kwargs": model_kwargs}
-            loss_fn, data_name = _lm_loss, "fortunes"
-        else:
-            train, test, data_name = image_data(limit=cfg.get("limit"), test_limit=cfg.get("limit"), notice=log)
-            model_kwargs = {"image_size": train[0].shape[-1]}
-            batch = {"x": train[0][: cfg["batch_size"]], "y": train[1][: cfg["batch_size"]], "model_kwargs": model_kwargs}
-            loss_fn = F.cross_entropy
+        batch, loss_fn, data_name, data = _model_data(model_name, cfg, log)
+        model_kwargs = batch["model_kwargs"]
         base = None
         for method, bits in methods:
             label = method_label(method, bits)
@@ -138,9 +187,9 @@ def run(models=("resnet", "vit", "gpt"), methods=METHODS, quick: bool = False, o
             desc = f"{model_name}/{label}"
             t0 = time.perf_counter()
             if model_name == "gpt":
-                r = train_lm(model, corpus, act, steps=cfg["steps"], batch_size=cfg["batch_size"], lr=cfg["lr"], seed=seed, progress=progress, desc=desc)
+                r = train_lm(model, data, act, steps=cfg["steps"], batch_size=cfg["batch_size"], lr=cfg["lr"], seed=seed, progress=progress, desc=desc)
             else:
-                r = train_classifier(model, train, test, act, epochs=cfg["epochs"], batch_size=cfg["batch_size"], lr=cfg["lr"], seed=seed, progress=progress, desc=desc)
+                r = train_classifier(model, *data, act, epochs=cfg["epochs"], batch_size=cfg["batch_size"], lr=cfg["lr"], seed=seed, progress=progress, desc=desc)
             wall = time.perf_counter() - t0
             row = {
                 "model": model_name, "data": data_name, "method": method, "bits": bits, "label": label,
