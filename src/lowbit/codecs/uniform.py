@@ -79,7 +79,8 @@ class UniformCodec:
             )
             return Packed(self.name, t.shape, t.dtype, t.device, {"data": t}, {"mode": "raw"})
         codes, mins, scales, wide = quantized
-        if not bool(wide.any()):  # every (min, scale) is a float16 value: store them as such, exactly
+        if not (wide.numpy().any() if wide.device.type == "cpu" else bool(wide.any())):
+            # every (min, scale) is a float16 value: store them as such, exactly
             mins, scales = mins.half(), scales.half()
         info = {"mode": "quant", "bits": bits, "group_size": group_size}
         return Packed(self.name, t.shape, t.dtype, t.device, {"codes": codes, "min": mins, "scale": scales}, info)

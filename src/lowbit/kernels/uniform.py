@@ -148,27 +148,30 @@ def _key_range(bs):
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
-def _quantize_pack_nb(x, xb, group_size, bits, seed, stochastic, ntasks, codes, mins, scales, wide, bad):
+def _quantize_pack_nb(x, group_size, bits, seed, stochastic, ntasks, codes, meta, flags):
     # ``ntasks`` (a few per thread) balances the load over the cores
-    ngroups = mins.shape[0]
+    ngroups = meta.shape[1]
     chunk = (ngroups + ntasks - 1) // ntasks
     for task in numba.prange(ntasks):
-        _quantize_groups(x, xb, group_size, bits, seed, stochastic, codes, mins, scales, wide, bad,
+        _quantize_groups(x, group_size, bits, seed, stochastic, codes, meta, flags,
                          task * chunk, min(ngroups, (task + 1) * chunk))
 
 
 @numba.njit(cache=True, nogil=True)
-def _quantize_pack_serial_nb(x, xb, group_size, bits, seed, stochastic, codes, mins, scales, wide, bad):
+def _quantize_pack_serial_nb(x, group_size, bits, seed, stochastic, codes, meta, flags):
     # small tensors: waking the worker threads costs more than it saves
-    _quantize_groups(x, xb, group_size, bits, seed, stochastic, codes, mins, scales, wide, bad, 0, mins.shape[0])
+    _quantize_groups(x, group_size, bits, seed, stochastic, codes, meta, flags, 0, meta.shape[1])
 
 
 @numba.njit(nogil=True)
-def _quantize_groups(x, xb, group_size, bits, seed, stochastic, codes, mins, scales, wide, bad, g0, g1):
+def _quantize_groups(x, group_size, bits, seed, stochastic, codes, meta, flags, g0, g1):
     # Per group (read from memory once, then from L1): range and finiteness from the order keys of
-    # its bits, storable (min, scale), codes into a small buffer (a flat loop the compiler
-    # vectorises), then the dense packing. ``xb`` is ``x``'s int32 view. A group holding NaN or
-    # Inf is only flagged in ``bad`` (the caller then stores the tensor exactly).
+    # its bits, storable (min, scale), then the codes, packed. ``meta`` float32 [2, ngroups] gets
+    # (min, scale), ``flags`` bool [2, ngroups] (needs float32, holds NaN/Inf): a non-finite group
+    # is only flagged (the caller then stores the tensor exactly). Two arrays, not four: each
+    # argument costs the dispatcher a type check on every call.
+    xb = x.view(np.int32)
+    mins, scales, wide, bad = meta[0], meta[1], flags[0], flags[1]
     n = x.shape[0]
     levels = np.float32((1 << bits) - 1)
     zero = np.float32(0.0)
@@ -586,21 +589,17 @@ def quantize_pack(
             return None
         return quantize_pack_torch(x, group_size, gmin, gmax, bits, seed, stochastic)
     ngroups = -(-x.numel() // group_size)
-    codes = torch.empty(packed_nbytes(x.numel(), group_size, bits), dtype=torch.uint8)
-    mins = torch.empty(ngroups, dtype=torch.float32)
-    scales = torch.empty(ngroups, dtype=torch.float32)
-    wide = torch.empty(ngroups, dtype=torch.bool)
-    bad = torch.zeros(ngroups, dtype=torch.bool)
-    xn = x.numpy()
-    arrays = (codes.numpy(), mins.numpy(), scales.numpy(), wide.numpy(), bad.numpy())
+    codes = np.empty(packed_nbytes(x.numel(), group_size, bits), np.uint8)  # numpy: cheaper than torch + .numpy()
+    meta = np.empty((2, ngroups), np.float32)
+    flags = np.zeros((2, ngroups), np.bool_)
     if x.numel() < _PARALLEL_MIN:
-        _quantize_pack_serial_nb(xn, xn.view(np.int32), group_size, bits, seed, stochastic, *arrays)
+        _quantize_pack_serial_nb(x.numpy(), group_size, bits, seed, stochastic, codes, meta, flags)
     else:
         ntasks = min(4 * numba.get_num_threads(), ngroups)
-        _quantize_pack_nb(xn, xn.view(np.int32), group_size, bits, seed, stochastic, ntasks, *arrays)
-    if bool(bad.any()):
+        _quantize_pack_nb(x.numpy(), group_size, bits, seed, stochastic, ntasks, codes, meta, flags)
+    if flags[1].any():
         return None
-    return codes, mins, scales, wide
+    return torch.from_numpy(codes), torch.from_numpy(meta[0]), torch.from_numpy(meta[1]), torch.from_numpy(flags[0])
 
 
 def unpack_dequant(
