@@ -18,7 +18,6 @@ backward needs it. The rules, in order:
 from __future__ import annotations
 
 import weakref
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -41,7 +40,7 @@ _INPLACE_ERROR = (
 class _Entry:
     """One encoded storage (or one view of it, when the view covers only part of the storage)."""
 
-    __slots__ = ("packed", "raw", "kind", "index", "full_storage", "pending", "decoded", "__weakref__")
+    __slots__ = ("packed", "raw", "kind", "index", "full_storage", "pending", "decoded", "on_free", "__weakref__")
 
     def __init__(self, kind: str, packed: Packed | None = None, raw: torch.Tensor | None = None, index: int = -1):
         self.kind = kind
@@ -51,6 +50,11 @@ class _Entry:
         self.full_storage = False
         self.pending = 0  # saves of this entry not yet unpacked
         self.decoded: torch.Tensor | None = None
+        self.on_free: Callable[[], None] | None = None  # called once autograd drops the entry (live-bytes accounting)
+
+    def __del__(self) -> None:  # cheaper than a weakref.finalize per entry
+        if self.on_free is not None:
+            self.on_free()
 
     def decode(self, codecs: dict) -> torch.Tensor:
         """Decoded storage. When several saves share the entry, the first decode is kept until the
@@ -63,16 +67,15 @@ class _Entry:
         return out
 
 
-@dataclass
 class _Saved:
     """What autograd holds instead of the tensor."""
 
-    entry: _Entry
-    size: torch.Size
-    stride: tuple
-    offset: int
-    tracker: torch.Tensor | None
-    version: int
+    __slots__ = ("entry", "size", "stride", "offset", "tracker", "version")
+
+    def __init__(self, entry: _Entry | None, size: torch.Size, stride: tuple, offset: int,
+                 tracker: torch.Tensor | None, version: int):
+        self.entry, self.size, self.stride, self.offset = entry, size, stride, offset
+        self.tracker, self.version = tracker, version
 
 
 def _version_tracker(t: torch.Tensor) -> torch.Tensor | None:
@@ -106,6 +109,21 @@ def _producer(t: torch.Tensor) -> str:
             return name[: -len(suffix)]
     return name
 
+
+class _Release:
+    """Gives an entry's bytes back to the live counters when autograd frees it (holds the
+    compressor weakly: a finished graph must not keep it alive)."""
+
+    __slots__ = ("act", "raw", "stored")
+
+    def __init__(self, act: "ActivationCompressor", raw: int, stored: int):
+        self.act, self.raw, self.stored = weakref.ref(act), raw, stored
+
+    def __call__(self) -> None:
+        act = self.act()
+        if act is not None:
+            act._live_raw -= self.raw
+            act._live_stored -= self.stored
 
 class ActivationCompressor:
     """Compress what autograd saves for backward inside ``with act:``.
@@ -188,11 +206,11 @@ class ActivationCompressor:
         self._cache.clear()
 
     # ------------------------------------------------------------------ hooks
-    def _skip(self, t: torch.Tensor) -> bool:
+    def _skip(self, t: torch.Tensor, storage_ptr: int) -> bool:
         if isinstance(t, nn.Parameter):
             return True
         if self.model is not None:
-            if t.untyped_storage().data_ptr() in self._param_ptrs:
+            if storage_ptr in self._param_ptrs:
                 return True
         else:
             base = t._base if t._base is not None else t
@@ -201,15 +219,16 @@ class ActivationCompressor:
         return _is_param_cast(t)
 
     def _pack(self, t: torch.Tensor):
-        if self._skip(t):
+        storage = t.untyped_storage()
+        ptr = storage.data_ptr()
+        if self._skip(t, ptr):
             return t
         tracker = _version_tracker(t)
         saved = _Saved(None, t.size(), t.stride(), t.storage_offset(), tracker, t._version)
-        storage = t.untyped_storage()
         itemsize = t.element_size()
         storage_numel = storage.nbytes() // itemsize if itemsize else 0
         full = t.numel() == storage_numel and t.numel() > 0
-        key = (storage.data_ptr(), t.dtype) if full else (storage.data_ptr(), t.dtype, t.storage_offset(), t.size(), t.stride())
+        key = (ptr, t.dtype) if full else (ptr, t.dtype, t.storage_offset(), t.size(), t.stride())
         hit = self._cache.get(key)
         if hit is not None:
             owner, entry_ref = hit
@@ -340,11 +359,7 @@ class ActivationCompressor:
         self._live_stored += stored
         self._peak_raw = max(self._peak_raw, self._live_raw)
         self._peak_stored = max(self._peak_stored, self._live_stored)
-        weakref.finalize(entry, self._release, raw, stored)
-
-    def _release(self, raw: int, stored: int) -> None:
-        self._live_raw -= raw
-        self._live_stored -= stored
+        entry.on_free = _Release(self, raw, stored)
 
     def report(self) -> MemoryReport:
         """Saved-tensor memory of the forward passes since the last :meth:`step` (right after a
