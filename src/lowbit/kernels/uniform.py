@@ -272,10 +272,9 @@ def _fix_zero_preserving(o):
 def _dither_codes(xs, bs, pair0, useed, m, inv, top, off, cut):
     # Zero-based slices (not offsets into the whole tensor) let the compiler prove the index
     # arithmetic and vectorise the loop, hash included: 3-4x faster than indexing x[s + 2j].
+    p0, sd = np.int64(pair0), np.int64(useed)
     for j in range(xs.shape[0] // 2):
-        h = _hash32(useed, pair0 + np.uint64(j))
-        u0 = _dither16(h, False)
-        u1 = _dither16(h, True)
+        u0, u1 = _dither_pair(sd, p0 + j)
         bs[2 * j] = _code(xs[2 * j], m, inv, u0, top, off, cut)
         bs[2 * j + 1] = _code(xs[2 * j + 1], m, inv, u1, top, off, cut)
 
