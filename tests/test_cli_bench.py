@@ -45,8 +45,9 @@ def test_act_time_only_writes_paired_ratios(tmp_path):
                  "--out", str(out)]) == 0
     rows = json.loads((out / "act-time.json").read_text())["rows"]
     assert [r["label"] for r in rows] == ["uniform-2"]  # none is the reference, not a row
-    assert rows[0]["paired_time_ratio"] > 0 and rows[0]["paired_base_step_time_s"] > 0
-    assert "(paired)" in (out / "act-time.md").read_text()
+    assert rows[0]["paired_time_ratio"] > 0 and rows[0]["paired_plain_ratio"] > 0
+    assert rows[0]["paired_base_step_time_s"] > 0 and rows[0]["paired_plain_step_time_s"] > 0
+    assert "× plain autograd" in (out / "act-time.md").read_text()
 
 
 def test_quantize_command_trains_and_saves(tmp_path, capsys):

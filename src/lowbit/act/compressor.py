@@ -207,7 +207,7 @@ class ActivationCompressor:
 
     # ------------------------------------------------------------------ hooks
     def _skip(self, t: torch.Tensor, storage_ptr: int) -> bool:
-        if isinstance(t, nn.Parameter):
+        if t.is_leaf and isinstance(t, nn.Parameter):  # activations are not leaves: skip the slow metaclass check
             return True
         if self.model is not None:
             if storage_ptr in self._param_ptrs:

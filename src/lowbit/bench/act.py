@@ -3,14 +3,16 @@ DIVISION, COMET and Mesa) on the ResNet, ViT (Fashion-MNIST) and the character G
 with the same seed, data order and schedule for every method.
 
 Per (model, method): final test accuracy or validation loss and its difference to none, the
-median step time of the training run, the step-time ratio to none measured in alternating steps
-(none, method, none, ...: load drift on a shared machine hits both alike), lowbit's byte accounting, the memory
+median step time of the training run, the step-time ratios to none and to hook-free autograd
+measured in rotating steps (plain, none, method, ...: load drift on a shared machine hits all
+alike), lowbit's byte accounting, the memory
 held between forward and backward measured end to end (child-process RSS on CPU), and the
 gradient quality on a fixed batch (cosine to the exact gradient, relative squared error,
 averaged over several stochastic-rounding draws).
 """
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 from pathlib import Path
@@ -76,22 +78,25 @@ def gradient_quality(model_name: str, method: str, bits, batch, loss_fn, draws: 
 
 def paired_step_ratio(model_name: str, method: str, bits, batch, loss_fn, seed: int = 0, pairs: int = 20,
                       warmup: int = 3) -> dict:
-    """Step time (forward, backward, optimizer step; seconds) of ``method`` against none, in
-    alternating steps on one batch with two identically initialised models, so that drift in the
-    machine's load hits both alike. The ratio is the median over the ``pairs`` adjacent pairs;
-    adaptive methods estimate once first (their estimates are not part of a step, as in training)."""
+    """Step time (forward, backward, optimizer step; seconds) of ``method`` against none and against
+    hook-free autograd, in rotating steps (plain, none, method, plain, ...) on one batch with three
+    identically initialised models, so that drift in the machine's load hits all alike. Each ratio
+    is the median over the ``pairs`` rounds; adaptive methods estimate once first (their estimates
+    are not part of a step, as in training). *none* is autograd with lowbit's hooks and accounting
+    (raw storage): ``paired_time_ratio`` is the cost of compressing, ``paired_plain_ratio`` the
+    whole cost of using lowbit."""
     x, y = batch["x"], batch["y"]
     runs = []
-    for m, b in (("none", None), (method, bits)):
+    for m, b in (("plain", None), ("none", None), (method, bits)):
         model = reference_model(model_name, **batch["model_kwargs"], seed=seed)
-        act = make_compressor(m, b, model, seed)
-        if act.policy.adaptive:
+        act = None if m == "plain" else make_compressor(m, b, model, seed)
+        if act is not None and act.policy.adaptive:
             act.estimate(lambda: loss_fn(model(x), y))
         runs.append((model, act, torch.optim.AdamW(model.parameters(), lr=1e-4)))
 
     def step(model, act, opt) -> float:
         t0 = time.perf_counter()
-        with act:
+        with act if act is not None else contextlib.nullcontext():
             loss = loss_fn(model(x), y)
         loss.backward()
         opt.step()
@@ -101,12 +106,14 @@ def paired_step_ratio(model_name: str, method: str, bits, batch, loss_fn, seed: 
     for _ in range(warmup):
         for r in runs:
             step(*r)
-    times: tuple[list[float], list[float]] = ([], [])
+    plain, none, comp = [], [], []
     for _ in range(pairs):
-        for t, r in zip(times, runs):
+        for t, r in zip((plain, none, comp), runs):
             t.append(step(*r))
-    return {"paired_time_ratio": statistics.median(b / a for a, b in zip(*times)),
-            "paired_step_time_s": statistics.median(times[1]), "paired_base_step_time_s": statistics.median(times[0])}
+    return {"paired_time_ratio": statistics.median(c / n for n, c in zip(none, comp)),
+            "paired_plain_ratio": statistics.median(c / p for p, c in zip(plain, comp)),
+            "paired_step_time_s": statistics.median(comp), "paired_base_step_time_s": statistics.median(none),
+            "paired_plain_step_time_s": statistics.median(plain)}
 
 
 def _model_data(model_name: str, cfg: dict, log=print):
@@ -138,16 +145,19 @@ def step_times(models=("resnet", "vit", "gpt"), methods=METHODS, quick: bool = F
             row = {"model": model_name, "label": method_label(method, bits), "batch_size": cfgs[model_name]["batch_size"],
                    **paired_step_ratio(model_name, method, bits, batch, loss_fn, seed, pairs=pairs)}
             results["rows"].append(row)
-            log(f"{model_name}/{row['label']}: step x{row['paired_time_ratio']:.2f} "
-                f"({row['paired_step_time_s'] * 1e3:.1f} vs {row['paired_base_step_time_s'] * 1e3:.1f} ms)")
+            log(f"{model_name}/{row['label']}: step x{row['paired_time_ratio']:.2f} of none, "
+                f"x{row['paired_plain_ratio']:.2f} of plain autograd ({row['paired_step_time_s'] * 1e3:.1f} vs "
+                f"{row['paired_base_step_time_s'] * 1e3:.1f} / {row['paired_plain_step_time_s'] * 1e3:.1f} ms)")
     save_results(results, out, "act-time", _time_table, _time_plot, log)
     return results
 
 
 def _time_table(results: dict) -> str:
-    rows = [[r["model"], r["label"], r["batch_size"], round(r["paired_base_step_time_s"] * 1e3, 1),
-             round(r["paired_step_time_s"] * 1e3, 1), round(r["paired_time_ratio"], 2)] for r in results["rows"]]
-    return markdown_table(["model", "method", "batch", "none ms", "method ms", "step time × (paired)"], rows)
+    rows = [[r["model"], r["label"], r["batch_size"], round(r["paired_plain_step_time_s"] * 1e3, 1),
+             round(r["paired_base_step_time_s"] * 1e3, 1), round(r["paired_step_time_s"] * 1e3, 1),
+             round(r["paired_time_ratio"], 2), round(r["paired_plain_ratio"], 2)] for r in results["rows"]]
+    return markdown_table(["model", "method", "batch", "plain autograd ms", "none ms", "method ms", "× none",
+                           "× plain autograd"], rows)
 
 
 def _time_plot(results: dict, path: Path) -> None:
@@ -158,10 +168,12 @@ def _time_plot(results: dict, path: Path) -> None:
 
     rows = results["rows"]
     fig, ax = plt.subplots(figsize=(max(4.0, 0.6 * len(rows)), 3.2))
-    ax.bar(range(len(rows)), [r["paired_time_ratio"] for r in rows])
+    ax.bar([i - 0.2 for i in range(len(rows))], [r["paired_time_ratio"] for r in rows], 0.4, label="vs none (hooks, raw)")
+    ax.bar([i + 0.2 for i in range(len(rows))], [r["paired_plain_ratio"] for r in rows], 0.4, label="vs plain autograd")
+    ax.legend(fontsize=7)
     ax.axhline(1.0, color="gray", lw=0.8)
     ax.set_xticks(range(len(rows)), [f"{r['model']}\n{r['label']}" for r in rows], fontsize=7)
-    ax.set_ylabel("step time / plain autograd")
+    ax.set_ylabel("step time ratio")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -271,17 +283,18 @@ def division_observation(quick: bool = False, seed: int = 0, batches: int = 4) -
 
 def table_markdown(results: dict) -> str:
     headers = ["model", "method", "metric", "value", "Δ vs none", "held MiB (RSS)", "memory ÷", "lowbit ratio",
-               "grad cos", "step time × (paired)", "step time × (runs)"]
+               "grad cos", "step × none (paired)", "step × plain autograd (paired)", "step × none (runs)"]
     rows = []
     for r in results["rows"]:
         held = r.get("held_bytes")
         new_format = "train_time_ratio" in r  # older results hold only the ratio of the training runs, as time_ratio
         paired = r.get("paired_time_ratio", 1.0 if new_format else None)
+        plain = r.get("paired_plain_ratio")
         rows.append([
             r["model"], r["label"], r["metric_name"], round(r["metric"], 3), round(r["metric_delta"], 3),
             round(held / 2**20, 2) if held is not None else "-", round(r.get("memory_ratio", float("nan")), 1),
             round(r["lowbit_ratio"], 1), round(r["grad_cosine"], 4), "-" if paired is None else round(paired, 2),
-            round(r.get("train_time_ratio", r["time_ratio"]), 2),
+            "-" if plain is None else round(plain, 2), round(r.get("train_time_ratio", r["time_ratio"]), 2),
         ])
     text = markdown_table(headers, rows)
     obs = results.get("division_observation")
