@@ -406,8 +406,8 @@ def main(argv=None) -> int:
                    "division, comet, mesa)")
     b.add_argument("--quick", action="store_true", help="small data and few steps (smoke test)")
     b.add_argument("--no-memory", action="store_true", help="skip the child-process RSS measurement")
-    b.add_argument("--time-only", action="store_true", help="act: only each method's step time against none, "
-                   "in alternating steps (no training; results/act-time)")
+    b.add_argument("--time-only", action="store_true", help="act: only each method's step time against none and "
+                   "hook-free autograd, in rotating steps (no training; results/act-time)")
     b.add_argument("--numel", type=int, default=1 << 25, help="codec bench tensor size")
     b.add_argument("--out", default="results")
     b.set_defaults(func=_bench)

@@ -125,6 +125,7 @@ class _Release:
             act._live_raw -= self.raw
             act._live_stored -= self.stored
 
+
 class ActivationCompressor:
     """Compress what autograd saves for backward inside ``with act:``.
 

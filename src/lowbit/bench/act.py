@@ -132,8 +132,8 @@ def _model_data(model_name: str, cfg: dict, log=print):
 
 def step_times(models=("resnet", "vit", "gpt"), methods=METHODS, quick: bool = False, out: str | Path = "results/act-time",
                pairs: int | None = None, seed: int = 0, log=print) -> dict:
-    """`lowbit bench act --time-only`: only the paired step-time ratio of each method to none
-    (:func:`paired_step_ratio`) at the benchmark's batch sizes, no training: a few seconds per row."""
+    """`lowbit bench act --time-only`: only each method's step-time ratios to none and to hook-free
+    autograd (:func:`paired_step_ratio`) at the benchmark's batch sizes, no training: a few seconds per row."""
     cfgs = QUICK if quick else DEFAULTS
     pairs = pairs or (4 if quick else 30)
     results: dict = {"quick": quick, "seed": seed, "threads": torch.get_num_threads(), "pairs": pairs, "rows": []}

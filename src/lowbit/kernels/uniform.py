@@ -39,31 +39,12 @@ _INV16 = np.float32(1.0 / 65536.0)
 # ----------------------------------------------------------------------------------------
 # numba kernels (CPU)
 # ----------------------------------------------------------------------------------------
-@numba.njit(inline="always")
-def _hash32(seed: np.uint64, i: np.uint64) -> np.uint64:
-    """lowbias32 hash of a counter: 32 well-mixed bits (in a uint64)."""
-    x = (i * np.uint64(_GOLDEN) + seed) & np.uint64(_MASK32)
-    x ^= x >> np.uint64(16)
-    x = (x * np.uint64(_M1)) & np.uint64(_MASK32)
-    x ^= x >> np.uint64(15)
-    x = (x * np.uint64(_M2)) & np.uint64(_MASK32)
-    x ^= x >> np.uint64(16)
-    return x
-
-
-@numba.njit(inline="always")
-def _dither16(h: np.uint64, high: bool) -> np.float32:
-    """The low or high 16 bits of a 32-bit hash as a dither in [0, 1)."""
-    half = (h >> np.uint64(16)) if high else (h & np.uint64(0xFFFF))
-    return np.float32(np.int32(half)) * _INV16
-
-
 @intrinsic
 def _dither_pair(typingctx, seed, pair):
-    """The dithers of elements ``2 * pair`` and ``2 * pair + 1``: the low and high 16 bits of
-    ``_hash32(seed, pair)`` as float32 in [0, 1). The same bits as ``_hash32``, computed in 32-bit
-    integer lanes: numba widens integer arithmetic to 64 bits, and 64-bit vector multiplies cost
-    several times more than 32-bit ones."""
+    """The dithers of elements ``2 * pair`` and ``2 * pair + 1``: the low and high 16 bits of the
+    lowbias32 hash of ``pair * _GOLDEN + seed`` (mod 2**32) as float32 in [0, 1), the bits
+    :func:`uniform01_torch` computes. Written as LLVM IR in 32-bit integer lanes: numba widens
+    integer arithmetic to 64 bits, and 64-bit vector multiplies cost several times more."""
     sig = types.UniTuple(types.float32, 2)(types.int64, types.int64)
 
     def codegen(context, builder, signature, args):
@@ -176,7 +157,6 @@ def _quantize_groups(x, group_size, bits, seed, stochastic, codes, meta, flags, 
     levels = np.float32((1 << bits) - 1)
     zero = np.float32(0.0)
     ilevels = (1 << bits) - 1
-    useed = np.uint64(seed)
     group_bytes = (group_size * bits + 7) // 8
     if g1 > g0:
         buf = np.empty(group_size + 8, np.uint8)
@@ -206,32 +186,34 @@ def _quantize_groups(x, group_size, bits, seed, stochastic, codes, meta, flags, 
             wide[g] = w
             inv = np.float32(1.0) / sc if sc > zero else zero
             if stochastic and s % 2 == 0 and bits != 1:  # pairs aligned: codes straight into their bytes
-                _dither_pack(x[s:e], codes[g * group_bytes : (g + 1) * group_bytes], s >> 1, np.int64(seed), bits,
+                _dither_pack(x[s:e], codes[g * group_bytes : (g + 1) * group_bytes], s >> 1, seed, bits,
                              m, inv, top, off, cut)
                 continue
             if stochastic:
                 # one 32-bit hash serves an aligned pair of elements (16 bits of dither each)
                 first = s
                 if s % 2:  # odd start: this element takes the high half of its pair's hash
-                    h = _hash32(useed, np.uint64(s >> 1))
-                    u1 = _dither16(h, True)
-                    buf[0] = _code(x[s], m, inv, u1, top, off, cut)
+                    buf[0] = _code(x[s], m, inv, _dither_pair(seed, s >> 1)[1], top, off, cut)
                     first = s + 1
-                pair0 = np.uint64(first >> 1)
-                _dither_codes(x[first:e], buf[first - s : e - s], pair0, useed, m, inv, top, off, cut)
+                _dither_codes(x[first:e], buf[first - s : e - s], first >> 1, seed, m, inv, top, off, cut)
                 if (e - first) % 2:
-                    h = _hash32(useed, np.uint64((e - 1) >> 1))
-                    u0 = _dither16(h, False)
-                    buf[e - 1 - s] = _code(x[e - 1], m, inv, u0, top, off, cut)
+                    buf[e - 1 - s] = _code(x[e - 1], m, inv, _dither_pair(seed, (e - 1) >> 1)[0], top, off, cut)
             else:
                 _nearest_codes(x[s:e], buf, m, inv, top, off, cut)
             _pack_codes(buf, e - s, bits, codes, g * group_bytes)
 
 
 @numba.njit(inline="always")
+def _log2_bits(bits):
+    """log2 of a width in 1, 2, 4, 8 by shifts: ``8 // bits`` is ``8 >> _log2_bits(bits)`` without
+    the integer division (tens of cycles), which per group showed in small groups' time."""
+    return (bits >> 1) - (bits >> 3)
+
+
+@numba.njit(inline="always")
 def _dequant_group(p, o, m, sc, bits):
     # zero-based slices let the compiler vectorise (see _dither_codes)
-    log_bits = (bits >> 1) - (bits >> 3)  # log2(bits) for 1, 2, 4, 8: no integer division per group
+    log_bits = _log2_bits(bits)
     per_byte = 8 >> log_bits
     mask = (1 << bits) - 1
     full = o.shape[0] >> (3 - log_bits)  # whole bytes; a short last group ends in a partial one
@@ -269,12 +251,11 @@ def _fix_zero_preserving(o):
 
 
 @numba.njit(inline="always")
-def _dither_codes(xs, bs, pair0, useed, m, inv, top, off, cut):
+def _dither_codes(xs, bs, pair0, seed, m, inv, top, off, cut):
     # Zero-based slices (not offsets into the whole tensor) let the compiler prove the index
     # arithmetic and vectorise the loop, hash included: 3-4x faster than indexing x[s + 2j].
-    p0, sd = np.int64(pair0), np.int64(useed)
     for j in range(xs.shape[0] // 2):
-        u0, u1 = _dither_pair(sd, p0 + j)
+        u0, u1 = _dither_pair(seed, pair0 + j)
         bs[2 * j] = _code(xs[2 * j], m, inv, u0, top, off, cut)
         bs[2 * j + 1] = _code(xs[2 * j + 1], m, inv, u1, top, off, cut)
 
@@ -309,13 +290,11 @@ def _dither_pack(xs, out, pair0, seed, bits, m, inv, top, off, cut):
             out[q] = np.uint8(c0 | (c1 << np.int32(2)) | (c2 << np.int32(4)) | (c3 << np.int32(6)))
         whole = n - n % 4
     if whole < n:
-        per_byte = 8 // bits
         last = np.int32(0)
         for i in range(whole, n):
-            u0, u1 = _dither_pair(seed, pair0 + (i >> 1))
-            c = np.int32(_code(xs[i], m, inv, u1 if i & 1 else u0, top, off, cut))
+            c = np.int32(_code(xs[i], m, inv, _dither_pair(seed, pair0 + (i >> 1))[i & 1], top, off, cut))
             last |= c << np.int32((i - whole) * bits)
-        out[whole // per_byte] = np.uint8(last)
+        out[whole >> (3 - _log2_bits(bits))] = np.uint8(last)
 
 
 @numba.njit(inline="always")
@@ -337,7 +316,7 @@ def _code(v, m, inv, u, top, off, cut):
 def _pack_codes(buf, length, bits, out, start):
     # One branch per width so each inner loop has a constant trip count the compiler unrolls.
     nbytes = (length * bits + 7) >> 3
-    per_byte = 8 >> ((bits >> 1) - (bits >> 3))  # 8 // bits without an integer division (bits in 1, 2, 4, 8)
+    per_byte = 8 >> _log2_bits(bits)
     if length & (per_byte - 1):
         buf[length : length + per_byte] = 0  # zero the tail of a short last group
     if bits == 8:
