@@ -196,6 +196,28 @@ def test_adaround_rounds_each_weight_up_or_down_and_beats_rtn():
             ref = layer(x)
             err_ada = float((nn.functional.conv2d(x, wq, layer.bias, padding=1) - ref).pow(2).mean())
             err_rtn = float((nn.functional.conv2d(x, quant.rtn_weight(w, bits), layer.bias, padding=1) - ref).pow(2).mean())
+
+
+def test_adaround_one_bit_learns_signs_on_the_binary_levels():
+    """1 bit: two levels +-mean|w| per output channel; the hard rounding at initialisation is
+    rtn_weight's sign(w) * mean|w|, and learning only flips signs (lowering the output error)."""
+    from lowbit.quant.ptq import adaround_weight
+
+    torch.manual_seed(0)
+    layer = nn.Conv2d(8, 6, 3, padding=1)
+    x = torch.randn(128, 1, 6, 6).repeat(1, 8, 1, 1) + 0.2 * torch.randn(128, 8, 6, 6)
+    w = layer.weight.detach()
+    alpha = w.abs().mean((1, 2, 3), keepdim=True)
+    assert torch.equal(quant.AdaRoundWeight(w, 1)(), quant.rtn_weight(w, 1))
+    wq = adaround_weight(layer, x, x, 1, iters=300, batch=32)
+    assert torch.allclose(wq.abs(), alpha.expand_as(wq))  # only the two levels
+    with torch.no_grad():
+        ref = layer(x)
+        err_ada = float((nn.functional.conv2d(x, wq, layer.bias, padding=1) - ref).pow(2).mean())
+        err_rtn = float((nn.functional.conv2d(x, quant.rtn_weight(w, 1), layer.bias, padding=1) - ref).pow(2).mean())
+    assert err_ada < err_rtn
+    with pytest.raises(ValueError, match="weight bits"):
+        quant.AdaRoundWeight(w, 0)
         assert err_ada < err_rtn
 
 

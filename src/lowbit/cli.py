@@ -265,7 +265,7 @@ def _ptq(args) -> int:
     if args.average_bits is not None:  # mixed precision: per-layer widths under an average-bits budget
         folded = quant.fold_batchnorm(model)
         sizes = quant.weight_counts(folded, inner_only=True)  # ptq keeps the first and last layer float
-        sens = quant.sensitivity(folded, (calib, train[1][pick]), bits=(2, 3, 4, 8), how=args.sensitivity,
+        sens = quant.sensitivity(folded, (calib, train[1][pick]), bits=quant.ALLOCATION_WIDTHS, how=args.sensitivity,
                                  layers=list(sizes))
         w_bits = quant.allocate_bits(sens, sizes, average_bits=args.average_bits)
         w_label = f"mixed {quant.average_bits(w_bits, sizes):.2f}"
@@ -345,7 +345,7 @@ def main(argv=None) -> int:
     pq.add_argument("--a-bits", type=int, default=4)
     pq.add_argument("--method", default="rtn,adaround", help="rtn, adaround and/or aquant, comma separated")
     pq.add_argument("--average-bits", type=float, default=None,
-                    help="mixed precision: per-layer weight widths (2/3/4/8) under this average instead of --w-bits")
+                    help="mixed precision: per-layer weight widths (1/2/3/4/8) under this average instead of --w-bits")
     pq.add_argument("--sensitivity", default="kl", choices=["kl", "hessian", "loss"],
                     help="how --average-bits measures each layer (default: output KL)")
     pq.add_argument("--calibration", default="mse", choices=["minmax", "percentile", "mse"])

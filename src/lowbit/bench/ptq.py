@@ -27,8 +27,8 @@ from lowbit.train import evaluate_classifier
 
 CONFIGS = [(8, 8), (4, 8), (4, 4), (2, 4), (4, 2), (2, 2)]
 METHODS = ("rtn", "adaround", "aquant")
-BUDGETS = (4.0, 3.0, 2.5)  # average weight bits of the quantized layers (4 and 3: uniform plans of the same size exist)
-WIDTHS = (2, 3, 4, 8)  # widths the allocation chooses from
+BUDGETS = (4.0, 3.0, 2.5, 2.0)  # average weight bits of the quantized layers (4, 3, 2: uniform plans of the same size exist)
+WIDTHS = quant.ALLOCATION_WIDTHS  # widths the allocation chooses from (1: binary weights)
 MIXED_METHODS = ("rtn", "adaround")
 SENSITIVITIES = ("hessian", "kl")  # how the mixed-precision allocation measures each layer
 PARTS = ("methods", "mixed")

@@ -8,7 +8,7 @@ QuantConv2d / QuantLinear, recipes that turn a float model into a quantized one,
 from lowbit.quant import functions, vertical
 from lowbit.quant.export import export, storage_bytes
 from lowbit.quant.layers import QuantConv2d, QuantLinear, penalty, quant_layers, set_progress
-from lowbit.quant.mixed import allocate_bits, average_bits, fold_batchnorm, hutchinson_trace, rtn_weight, sensitivity, weight_counts
+from lowbit.quant.mixed import ALLOCATION_WIDTHS, allocate_bits, average_bits, fold_batchnorm, hutchinson_trace, rtn_weight, sensitivity, weight_counts
 from lowbit.quant.ptq import ptq
 from lowbit.quant.reconstruct import AdaRoundWeight, find_units, reconstruct
 from lowbit.quant.quantizers import (
@@ -35,6 +35,6 @@ __all__ = [
     "BinaryWeight", "GradientQuantizer", "NoiseAdaptation", "Quantizer", "SignQuantizer", "SparseBinaryWeight",
     "TernaryWeight", "UniformActivation", "UniformWeight", "RECIPES", "Recipe", "get_recipe", "quantize",
     "register_recipe", "ModelSize", "model_size", "summary", "distillation_loss", "train_quantized", "export",
-    "storage_bytes", "allocate_bits", "average_bits", "fold_batchnorm", "hutchinson_trace", "rtn_weight", "sensitivity", "weight_counts",
+    "storage_bytes", "ALLOCATION_WIDTHS", "allocate_bits", "average_bits", "fold_batchnorm", "hutchinson_trace", "rtn_weight", "sensitivity", "weight_counts",
     "ptq", "FixedUniform", "BorderQuantizer", "AdaRoundWeight", "find_units", "reconstruct",
 ]

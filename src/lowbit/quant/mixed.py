@@ -17,6 +17,8 @@ from torch import nn
 
 from lowbit.quant.layers import set_submodule
 
+ALLOCATION_WIDTHS = (1, 2, 3, 4, 8)  # the widths a mixed plan chooses from by default; 1 = binary weights
+
 
 def weight_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """(name, module) for every nn.Conv2d / nn.Linear, in module order."""

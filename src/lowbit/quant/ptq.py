@@ -56,8 +56,9 @@ def ptq(model: nn.Module, calib: torch.Tensor, w_bits: int | dict[str, int] = 4,
     """A quantized copy of a trained float ``model`` (``model`` is not modified).
 
     calib: a tensor of unlabeled inputs (a few hundred samples) or a DataLoader of inputs (or of
-    (input, label) pairs). w_bits: one width (2..16) for every quantized layer or {layer name: width}
-    (layers missing from the mapping stay float). a_bits: width of every quantized layer's input
+    (input, label) pairs). w_bits: one width (1..16; 1 is binary, sign(w) * mean|w| per output
+    channel) for every quantized layer or {layer name: width} (layers missing from the mapping
+    stay float). a_bits: width of every quantized layer's input
     (None: float inputs). calibration: "minmax", "percentile" (``percentile`` and its mirror) or
     "mse" (the clip ratio with the least squared error). First and last layers stay float
     (``keep_first_last``). method:

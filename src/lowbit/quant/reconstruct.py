@@ -23,22 +23,32 @@ def _h(v: torch.Tensor) -> torch.Tensor:
 
 
 class AdaRoundWeight(Quantizer):
-    """Learned up/down rounding of a weight on its symmetric per-output-channel grid of ``bits``:
-    w_q = s * clamp(floor(w / s) + h(v), -qmax, qmax), h a stretched sigmoid of a learned v per
-    weight, initialised so that h(v) equals the fractional part (the soft weight starts at the
-    float weight; the hard one at round-to-nearest). ``soft`` selects h(v) (learning) or the
-    step h(v) >= 0.5 (the final rounding). The weight argument of forward is ignored: the grid
-    and the floor are fixed at construction."""
+    """Learned up/down rounding of a weight on its per-output-channel grid of ``bits``:
+    w_q = s * clamp(floor((w - o) / s) + h(v), lo, hi) + o, h a stretched sigmoid of a learned v
+    per weight, initialised so that h(v) equals the fractional part (the soft weight starts at
+    the float weight; the hard one at round-to-nearest). bits >= 2: the symmetric grid
+    s * {-qmax..qmax} (o = 0, s = max|w| / qmax); bits = 1: the two levels -a, +a with
+    a = mean|w| (s = 2a, o = -a, {lo, hi} = {0, 1}), the binary weights of ``rtn_weight``, where
+    learning the rounding means learning each weight's sign. ``soft`` selects h(v) (learning) or
+    the step h(v) >= 0.5 (the final rounding). The weight argument of forward is ignored: the
+    grid and the floor are fixed at construction."""
 
     def __init__(self, weight: torch.Tensor, bits: int):
         super().__init__()
-        self._set_bits(bits, 2, "weight")
+        self._set_bits(bits, 1, "weight")
         w = weight.detach()
-        self.qmax = 2 ** (bits - 1) - 1
-        scale = w.abs().amax(tuple(range(1, w.dim())), keepdim=True).clamp_min(1e-12) / self.qmax
-        base = torch.floor(w / scale)
-        frac = (w / scale - base).clamp(0.01, 0.99)
+        dims = tuple(range(1, w.dim()))
+        if bits == 1:
+            alpha = w.abs().mean(dims, keepdim=True).clamp_min(1e-12)
+            scale, offset, self.lo, self.hi = 2 * alpha, -alpha, 0, 1
+        else:
+            qmax = 2 ** (bits - 1) - 1
+            scale = w.abs().amax(dims, keepdim=True).clamp_min(1e-12) / qmax
+            offset, self.lo, self.hi = torch.zeros_like(scale), -qmax, qmax
+        base = torch.floor((w - offset) / scale)
+        frac = ((w - offset) / scale - base).clamp(0.01, 0.99)
         self.register_buffer("scale", scale)
+        self.register_buffer("offset", offset)
         self.register_buffer("base", base)
         self.v = nn.Parameter(-torch.log((_ZETA - _GAMMA) / (frac - _GAMMA) - 1))
         self.soft = False
@@ -49,7 +59,7 @@ class AdaRoundWeight(Quantizer):
         return h if self.soft else (h >= 0.5).to(h.dtype)
 
     def forward(self, weight: torch.Tensor | None = None) -> torch.Tensor:
-        return self.scale * torch.clamp(self.base + self.rounding(), -self.qmax, self.qmax)
+        return self.scale * torch.clamp(self.base + self.rounding(), self.lo, self.hi) + self.offset
 
     def regulariser(self, beta: float) -> torch.Tensor:
         """sum(1 - |2h - 1|^beta): zero only when every h is exactly 0 or 1."""
