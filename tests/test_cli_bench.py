@@ -1,3 +1,4 @@
+import ast
 import json
 
 import pytest
@@ -127,6 +128,12 @@ def test_ptq_command(capsys):
                  "--calib", "64", "--method", "rtn"]) == 0
     out = capsys.readouterr().out
     assert "kl allocation at 3.0 average bits" in out and "| rtn | mixed " in out
+    assert main(["ptq", "--data", "digits", "--limit", "400", "--average-bits", "3", "--widths", "2,4",
+                 "--a-bits", "8", "--calib", "64", "--method", "rtn"]) == 0
+    plan = capsys.readouterr().out.split("average bits: ")[1].split("\n")[0]
+    assert set(ast.literal_eval(plan).values()) <= {2, 4}
+    with pytest.raises(SystemExit, match="--widths"):
+        main(["ptq", "--data", "digits", "--average-bits", "3", "--widths", "2,x"])
 
 
 def test_ptq_benchmark_writes_json_table_and_plot(tmp_path):

@@ -92,6 +92,8 @@ def test_sensitivity_hessian_loss_and_kl_on_a_trained_model():
     assert set(plan.values()) <= {2, 4, 8}
     with pytest.raises(ValueError, match="unknown sensitivity"):
         quant.sensitivity(model, (x, y), how="fisher")
+    with pytest.raises(ValueError, match="integers in 1..16"):
+        quant.sensitivity(model, (x, y), bits=(0, 4))
 
 
 def test_fold_batchnorm_preserves_outputs():

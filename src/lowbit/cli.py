@@ -248,6 +248,10 @@ def _ptq(args) -> int:
     from lowbit.bench.common import image_data, markdown_table, reference_model
     from lowbit.train import evaluate_classifier
 
+    try:
+        widths = tuple(int(w) for w in args.widths.split(",")) if args.widths else quant.ALLOCATION_WIDTHS
+    except ValueError:
+        raise SystemExit(f"lowbit ptq: --widths takes comma-separated integers, got {args.widths!r}") from None
     torch.set_num_threads(args.threads) if args.threads else None
     train, test, data_name = image_data(args.data, limit=args.limit, notice=print)
     model = reference_model(args.model, image_size=train[0].shape[-1], seed=args.seed)
@@ -265,7 +269,7 @@ def _ptq(args) -> int:
     if args.average_bits is not None:  # mixed precision: per-layer widths under an average-bits budget
         folded = quant.fold_batchnorm(model)
         sizes = quant.weight_counts(folded, inner_only=True)  # ptq keeps the first and last layer float
-        sens = quant.sensitivity(folded, (calib, train[1][pick]), bits=quant.ALLOCATION_WIDTHS, how=args.sensitivity,
+        sens = quant.sensitivity(folded, (calib, train[1][pick]), bits=widths, how=args.sensitivity,
                                  layers=list(sizes))
         w_bits = quant.allocate_bits(sens, sizes, average_bits=args.average_bits)
         w_label = f"mixed {quant.average_bits(w_bits, sizes):.2f}"
@@ -345,9 +349,11 @@ def main(argv=None) -> int:
     pq.add_argument("--a-bits", type=int, default=4)
     pq.add_argument("--method", default="rtn,adaround", help="rtn, adaround and/or aquant, comma separated")
     pq.add_argument("--average-bits", type=float, default=None,
-                    help="mixed precision: per-layer weight widths (1/2/3/4/8) under this average instead of --w-bits")
+                    help="mixed precision: per-layer weight widths (--widths) under this average instead of --w-bits")
     pq.add_argument("--sensitivity", default="kl", choices=["kl", "hessian", "loss"],
                     help="how --average-bits measures each layer (default: output KL)")
+    pq.add_argument("--widths", default=None,
+                    help="widths --average-bits chooses from (default 1,2,3,4,8; e.g. 2,3,4,8 for no binary layers)")
     pq.add_argument("--calibration", default="mse", choices=["minmax", "percentile", "mse"])
     pq.add_argument("--calib", type=int, default=512, help="calibration samples")
     pq.add_argument("--init", default=None, help="float state_dict (else the float model is trained first)")

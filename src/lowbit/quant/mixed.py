@@ -82,6 +82,9 @@ def sensitivity(model: nn.Module, data: tuple[torch.Tensor, torch.Tensor], bits=
         raise ValueError(f"unknown sensitivity {how!r}: choose 'hessian', 'loss' or 'kl'")
     if not bits:
         raise ValueError("bits must list at least one width")
+    bad = [b for b in bits if not isinstance(b, int) or not 1 <= b <= 16]
+    if bad:
+        raise ValueError(f"weight widths must be integers in 1..16, got {bad}")
     model_was_training = model.training
     model.eval()
     chosen = [(n, m) for n, m in weight_layers(model) if layers is None or n in layers]
