@@ -180,13 +180,15 @@ def plot(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     names = list(results["models"])
-    fig, axes = plt.subplots(2, len(names), figsize=(6 * len(names), 8), squeeze=False)
+    with_methods = any(results["models"][n]["rows"] for n in names)
+    panels = int(with_methods) + int(any(results["models"][n]["mixed"] for n in names))
+    fig, axes = plt.subplots(max(panels, 1), len(names), figsize=(6 * len(names), 4 * max(panels, 1)), squeeze=False)
     for col, name in enumerate(names):
         res = results["models"][name]
         ax = axes[0][col]
-        if not res["rows"]:  # a mixed-precision-only run
+        if with_methods and not res["rows"]:
             ax.axis("off")
-        else:
+        elif res["rows"]:  # (a mixed-precision-only run has no methods panel)
             methods = list(dict.fromkeys(r["method"] for r in res["rows"]))
             configs = list(dict.fromkeys((r["w_bits"], r["a_bits"]) for r in res["rows"]))
             width = 0.8 / len(methods)
@@ -199,7 +201,9 @@ def plot(results: dict, path: Path) -> None:
             ax.set_ylim(max(0, min((r["accuracy"] for r in res["rows"]), default=5) - 5), 100)
             ax.set_title(f"{name}: post-training quantization")
             ax.legend(fontsize=8)
-        ax = axes[1][col]
+        if not res["mixed"]:
+            continue
+        ax = axes[int(with_methods)][col]
         kinds = list(dict.fromkeys(_allocation_label(r) for r in res["mixed"]))
         for kind, marker in zip(kinds, "os^xdv"):
             for m, ls in zip(MIXED_METHODS, ("-", ":")):
