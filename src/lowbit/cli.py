@@ -351,7 +351,7 @@ def main(argv=None) -> int:
     pq.add_argument("--average-bits", type=float, default=None,
                     help="mixed precision: per-layer weight widths (--widths) under this average instead of --w-bits")
     pq.add_argument("--sensitivity", default="kl", choices=["kl", "hessian", "loss"],
-                    help="how --average-bits measures each layer (default: output KL)")
+                    help="how --average-bits measures each layer (default: output KL; hessian underestimates 1-bit damage)")
     pq.add_argument("--widths", default=None,
                     help="widths --average-bits chooses from (default 1,2,3,4,8; e.g. 2,3,4,8 for no binary layers)")
     pq.add_argument("--calibration", default="mse", choices=["minmax", "percentile", "mse"])
