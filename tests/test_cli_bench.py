@@ -101,6 +101,9 @@ def test_explain_command_and_benchmark(tmp_path, capsys):
     assert all(r["abs_error"] > 0 and r["ms_per_instance"] > 0 for r in data["rows"])
     assert "shear_vs_antithetic_error_ratio_at_16" in res["claims"]
     assert "shear_uniform_vs_antithetic_error_ratio_at_16" in res["claims"]
+    by = {(r["method"], r["budget"]): r["abs_error"] for r in data["rows"]}
+    assert res["claims"]["shear_below_antithetic_at_budgets"] == sorted(
+        b for (m, b), e in by.items() if m == "shear" and e < by[("antithetic", b)])
     assert (tmp_path / "explain.png").exists()
 
 
