@@ -243,14 +243,21 @@ def test_index_codec_fused_cpu_path_matches_torch_path(monkeypatch):
 
 
 @pytest.mark.parametrize("bits", [1, 2, 4, 8])
-def test_parallel_kernels_match_serial_and_torch(bits):
-    """Large tensors take the multi-threaded kernels: same bits as the torch reference."""
+@pytest.mark.parametrize("group_size", [196, 64])  # 64: the small-group dequantizer (blocks of groups)
+def test_parallel_kernels_match_serial_and_torch(bits, group_size):
+    """Large tensors take the multi-threaded kernels: same bits as the torch reference, with
+    zero-preserving (ReLU) groups mixed in."""
     n = (1 << 18) + 4099
-    x = torch.relu(torch.randn(n)) if bits == 2 else torch.randn(n)
-    gmin, gmax = K.group_minmax(x, 196)
-    fast = K.quantize_pack(x, 196, bits, 99, True)
-    ref = K.quantize_pack_torch(x, 196, gmin, gmax, bits, 99, True)
+    x = torch.randn(n)
+    x[: n // 2] = x[: n // 2].relu()
+    gmin, gmax = K.group_minmax(x, group_size)
+    fast = K.quantize_pack(x, group_size, bits, 99, True)
+    ref = K.quantize_pack_torch(x, group_size, gmin, gmax, bits, 99, True)
     for a, b in zip(fast, ref):
         assert torch.equal(a, b)
     codes, mins, scales, _ = fast
-    assert torch.equal(K.unpack_dequant(codes, n, 196, mins, scales, bits), K.unpack_dequant_torch(codes, n, 196, mins, scales, bits))
+    dec = K.unpack_dequant(codes, n, group_size, mins, scales, bits)
+    assert torch.equal(dec, K.unpack_dequant_torch(codes, n, group_size, mins, scales, bits))
+    if bits > 1:
+        head = (n // 2) // group_size * group_size  # groups wholly in the ReLU half
+        assert bool((dec[:head][x[:head] == 0] == 0).all())  # their zeros stay exact

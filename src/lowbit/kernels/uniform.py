@@ -243,6 +243,18 @@ def _dequant_group(p, o, m, sc, bits):
 
 
 @numba.njit(inline="always")
+def _scale_group(o, m, sc):
+    """Code values -> values in place, as :func:`_dequant_group` computes them (same rounding)."""
+    zp = m == np.float32(0.0) and math.copysign(1.0, m) < 0.0  # -0.0 marks a zero-preserving group
+    if zp:
+        m = -sc
+    for i in range(o.shape[0]):
+        o[i] = o[i] * sc + m
+    if zp:
+        _fix_zero_preserving(o)
+
+
+@numba.njit(inline="always")
 def _fix_zero_preserving(o):
     # codes 0 / 1 decoded to -scale / 0: make them 0 / tiny positive, branch-free
     for i in range(o.shape[0]):
@@ -349,9 +361,25 @@ def _unpack_dequant_serial_nb(packed, group_size, mins, scales, bits, out):
     _dequant_groups(packed, group_size, mins, scales, bits, out, 0, mins.shape[0])
 
 
+_FLAT_BLOCK = 4096  # elements per block of the small-group dequantizer (16 KiB of float32: stays in L1)
+
+
 @numba.njit(nogil=True)
 def _dequant_groups(packed, group_size, mins, scales, bits, out, g0, g1):
     n = out.shape[0]
+    group_bytes = (group_size * bits + 7) // 8
+    if group_bytes < 32 and group_size % (8 >> _log2_bits(bits)) == 0:
+        # Small groups (e.g. 64 features at 2 bits: 16 bytes) are too short for the vectorised byte
+        # loop, which then runs scalar (4x slower). Their bytes lie back to back, so a block of
+        # groups is unpacked to code values in one long loop, then each group is scaled in place.
+        per_block = max(1, _FLAT_BLOCK // group_size)
+        for b0 in range(g0, g1, per_block):
+            b1 = min(b0 + per_block, g1)
+            _dequant_group(packed[b0 * group_bytes : b1 * group_bytes], out[b0 * group_size : min(b1 * group_size, n)],
+                           np.float32(0.0), np.float32(1.0), bits)
+            for g in range(b0, b1):
+                _scale_group(out[g * group_size : min((g + 1) * group_size, n)], mins[g], scales[g])
+        return
     for g in range(g0, g1):
         s = g * group_size
         e = min(s + group_size, n)
