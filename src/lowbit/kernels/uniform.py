@@ -243,13 +243,20 @@ def _dequant_group(p, o, m, sc, bits):
 
 
 @numba.njit(inline="always")
+def _decode_offset(m, sc):
+    """(offset, zero_preserving) of a group stored as (min ``m``, scale ``sc``): a -0.0 minimum
+    marks a zero-preserving group, whose codes 0, 1, q decode with offset -sc to -sc, 0, (q-1)*sc
+    (then fixed to 0, tiny, (q-1)*sc by :func:`_fix_zero_preserving`)."""
+    zp = m == np.float32(0.0) and math.copysign(1.0, m) < 0.0
+    return (-sc if zp else m), zp
+
+
+@numba.njit(inline="always")
 def _scale_group(o, m, sc):
     """Code values -> values in place, as :func:`_dequant_group` computes them (same rounding)."""
-    zp = m == np.float32(0.0) and math.copysign(1.0, m) < 0.0  # -0.0 marks a zero-preserving group
-    if zp:
-        m = -sc
+    off, zp = _decode_offset(m, sc)
     for i in range(o.shape[0]):
-        o[i] = o[i] * sc + m
+        o[i] = o[i] * sc + off
     if zp:
         _fix_zero_preserving(o)
 
@@ -383,13 +390,9 @@ def _dequant_groups(packed, group_size, mins, scales, bits, out, g0, g1):
     for g in range(g0, g1):
         s = g * group_size
         e = min(s + group_size, n)
-        m = mins[g]
         sc = scales[g]
-        zp = m == np.float32(0.0) and math.copysign(1.0, m) < 0.0  # -0.0 marks a zero-preserving group
-        if zp:
-            m = -sc  # codes 0, 1, q decode to -sc, 0, (q-1)*sc: fixed to 0, tiny, (q-1)*sc below
-        b0 = g * ((group_size * bits + 7) // 8)
-        _dequant_group(packed[b0 : b0 + (group_size * bits + 7) // 8], out[s:e], m, sc, bits)
+        off, zp = _decode_offset(mins[g], sc)
+        _dequant_group(packed[g * group_bytes : (g + 1) * group_bytes], out[s:e], off, sc, bits)
         if zp:
             _fix_zero_preserving(out[s:e])
 
