@@ -1,4 +1,4 @@
-import ast
+"""The benchmarks (library calls; the `lowbit` command itself is tested in test_cli.py)."""
 import json
 
 import pytest
@@ -6,17 +6,6 @@ import pytest
 from lowbit.bench import act as act_bench
 from lowbit.bench.memory import measure_held_memory
 from lowbit.cli import main
-
-
-def test_train_command_runs_and_prints_table(capsys):
-    assert main(["train", "--data", "digits", "--epochs", "1", "--limit", "256", "--batch-size", "64", "--method", "gact"]) == 0
-    out = capsys.readouterr().out
-    assert "accuracy" in out and "compression ratio" in out and "median step time" in out
-
-
-def test_train_rejects_unsupported_bits():
-    with pytest.raises(SystemExit):
-        main(["train", "--method", "uniform", "--bits", "3"])
 
 
 def test_held_memory_measured_end_to_end():
@@ -27,6 +16,7 @@ def test_held_memory_measured_end_to_end():
     assert none["held_bytes"] / max(two["held_bytes"], 1) > 5
 
 
+@pytest.mark.slow  # long end-to-end run: CI's `pytest -m slow` line
 def test_act_benchmark_writes_json_table_and_plot(tmp_path):
     res = act_bench.run(models=("resnet",), methods=[("none", None), ("uniform", 4)], quick=True,
                         out=tmp_path, progress=False, log=lambda *a: None)
@@ -51,29 +41,7 @@ def test_act_time_only_writes_paired_ratios(tmp_path):
     assert "× plain autograd" in (out / "act-time.md").read_text()
 
 
-def test_quantize_command_trains_and_saves(tmp_path, capsys):
-    path = tmp_path / "q.pt"
-    assert main(["quantize", "--recipe", "sbnn", "--data", "digits", "--limit", "256", "--epochs", "1",
-                 "--batch-size", "64", "--option", "sparsity=0.9", "--save", str(path), "-v",
-                 "--export", str(tmp_path / "packed.pt")]) == 0
-    out = capsys.readouterr().out
-    assert "test accuracy" in out and "compression" in out and "sparsity=0.9" in out
-    assert "exported the packed model" in out and (tmp_path / "packed.pt").exists()
-    from lowbit import quant
-    from lowbit.bench.common import reference_model
-
-    q = quant.quantize(reference_model("resnet", image_size=8), "sbnn", sparsity=0.9)
-    q.load_state_dict(__import__("torch").load(path))
-    with pytest.raises(SystemExit):
-        main(["quantize", "--recipe", "nope"])
-    float_path = tmp_path / "float.pt"
-    assert main(["quantize", "--recipe", "float", "--data", "digits", "--limit", "256", "--epochs", "1",
-                 "--save", str(float_path)]) == 0
-    assert main(["quantize", "--recipe", "dirnet", "--data", "digits", "--limit", "256", "--epochs", "1",
-                 "--init", str(float_path)]) == 0  # fine-tunes from it and distils from it
-    assert "fine-tuning from the float checkpoint" in capsys.readouterr().out
-
-
+@pytest.mark.slow  # long end-to-end run: CI's `pytest -m slow` line
 def test_quant_benchmark_writes_json_table_and_plot(tmp_path):
     from lowbit.bench import quant as quant_bench
 
@@ -88,10 +56,7 @@ def test_quant_benchmark_writes_json_table_and_plot(tmp_path):
     assert res["rows"][0]["accuracy_delta"] == 0
 
 
-def test_explain_command_and_benchmark(tmp_path, capsys):
-    assert main(["explain", "--rows", "1", "--budget", "8"]) == 0
-    out = capsys.readouterr().out
-    assert "exact φ" in out and "shear" in out and "kernel" in out
+def test_explain_benchmark(tmp_path):
     from lowbit.bench import explain as explain_bench
 
     res = explain_bench.run(quick=True, out=tmp_path, progress=False, log=lambda *a: None, with_shap=False)
@@ -122,23 +87,7 @@ def test_kernel_benchmark_writes_json(tmp_path):
     assert (tmp_path / "kernels.png").exists()
 
 
-def test_ptq_command(capsys):
-    assert main(["ptq", "--data", "digits", "--limit", "400", "--w-bits", "4", "--a-bits", "8",
-                 "--calib", "64", "--method", "rtn"]) == 0
-    out = capsys.readouterr().out
-    assert "| rtn | 4 | 8 |" in out and "float32" in out
-    assert main(["ptq", "--data", "digits", "--limit", "400", "--average-bits", "3", "--a-bits", "8",
-                 "--calib", "64", "--method", "rtn"]) == 0
-    out = capsys.readouterr().out
-    assert "kl allocation at 3.0 average bits" in out and "| rtn | mixed " in out
-    assert main(["ptq", "--data", "digits", "--limit", "400", "--average-bits", "3", "--widths", "2,4",
-                 "--a-bits", "8", "--calib", "64", "--method", "rtn"]) == 0
-    plan = capsys.readouterr().out.split("average bits: ")[1].split("\n")[0]
-    assert set(ast.literal_eval(plan).values()) <= {2, 4}
-    with pytest.raises(SystemExit, match="--widths"):
-        main(["ptq", "--data", "digits", "--average-bits", "3", "--widths", "2,x"])
-
-
+@pytest.mark.slow  # long end-to-end run: CI's `pytest -m slow` line
 def test_ptq_benchmark_writes_json_table_and_plot(tmp_path):
     from lowbit.bench import ptq as ptq_bench
 
@@ -176,6 +125,7 @@ def test_random_allocation_stays_within_budget():
         assert used <= 3.0 and set(plan.values()) <= {2, 3, 4, 8}
 
 
+@pytest.mark.slow  # long end-to-end run: CI's `pytest -m slow` line
 def test_onceqat_benchmark_writes_json_table_and_plot(tmp_path):
     from lowbit.bench import onceqat
 

@@ -261,3 +261,28 @@ def test_parallel_kernels_match_serial_and_torch(bits, group_size):
     if bits > 1:
         head = (n // 2) // group_size * group_size  # groups wholly in the ReLU half
         assert bool((dec[:head][x[:head] == 0] == 0).all())  # their zeros stay exact
+
+
+def test_error_bounded_codec_in_chunks_keeps_the_bound_and_decodes_like_one_frame():
+    from lowbit.codecs import ErrorBoundedCodec
+
+    x = torch.cumsum(torch.randn(10_007), 0).reshape(1, -1) * 0.1  # smooth: Lorenzo carries across frames
+    whole, parts = ErrorBoundedCodec(chunk=1 << 20), ErrorBoundedCodec(chunk=1000)
+    pw, pp = whole.encode(x, eb=0.01), parts.encode(x, eb=0.01)
+    assert len(pp.info["frames"]) == 11 and len(pw.info["frames"]) == 1
+    yw, yp = whole.decode(pw), parts.decode(pp)
+    assert torch.equal(yw, yp) and float((yp - x).abs().max()) <= 0.01
+    assert pp.nbytes < 0.5 * x.numel() * 4
+    with pytest.raises(ValueError, match="chunk"):
+        ErrorBoundedCodec(chunk=0)
+
+
+def test_layout_group_follows_planes_and_rows():
+    from lowbit.codecs.uniform import layout_group
+
+    maps = torch.randn(2, 4, 24, 24)
+    assert layout_group(maps, 256) == 576  # a whole channel plane
+    assert layout_group(maps, 256, bits=2) == 64  # at 2 bits: 64-element blocks inside the plane
+    assert layout_group(torch.randn(2, 4, 3, 3), 256) == 72  # small planes several at a time
+    assert layout_group(torch.randn(2, 10, 64), 256) == 64  # a token row
+    assert layout_group(torch.randn(1000), 256) == 256

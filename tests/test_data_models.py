@@ -76,6 +76,10 @@ def test_reference_models_forward_backward(name):
         assert m(x).shape == (2, 16, 50)
         with pytest.raises(ValueError, match="block_size"):
             m(torch.randint(0, 50, (1, 17)))
+    elif name == "rnn":
+        m = build_model("rnn", vocab_size=50)
+        x = torch.randint(0, 50, (2, 16))
+        assert m(x).shape == (2, 16, 50)
     else:
         m = build_model(name)
         x = torch.randn(2, 1, 28, 28)

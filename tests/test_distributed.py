@@ -139,6 +139,7 @@ def test_acsgd_both_ends_keep_identical_references_and_send_few_bytes(tmp_path):
     assert all(torch.isfinite(torch.tensor(res["losses"])))
 
 
+@pytest.mark.slow  # long end-to-end run: CI's `pytest -m slow` line
 def test_checkpoint_resume_continues_exactly(tmp_path):
     task = small_task()
     kw = dict(mode="acsgd", bits=4, grad_bits=4, epochs=2, warmup_epochs=1, checkpoint_dir=str(tmp_path / "ck"),
@@ -191,3 +192,54 @@ def test_a_failing_stage_ends_every_rank_with_a_clear_error(how):
     text = str(info.value)
     assert "rank 0 (stage 0) lost contact" in text
     assert ("ValueError: injected failure" in text) if how == "raise" else ("rank 1 exited with code 3" in text)
+
+
+# --- one rank in this process (a 1-stage pipeline on a 1-rank gloo group): fast checks ---------
+
+def one_rank(task, c):
+    from lowbit.distributed.launch import free_port, run_rank
+
+    return run_rank(task, c, 0, 1, f"tcp://127.0.0.1:{free_port()}", backend="gloo")
+
+
+def test_resume_needs_a_checkpoint_and_refuses_pickled_objects(tmp_path):
+    from lowbit.checkpoints import CheckpointError
+
+    task = CharLMTask(n_examples=32, block=BLOCK, dim=DIM, depth=2, heads=2)
+    kw = dict(stages=1, batch_size=16, micro_batches=2, threads=None, mode="acsgd", checkpoint_dir=str(tmp_path))
+    with pytest.raises(PipelineError, match="resume: rank 0 has no checkpoint"):
+        one_rank(task, cfg(**kw, resume=True))  # an empty folder is an error, not a fresh start
+    with pytest.raises(ValueError, match="resume needs checkpoint_dir"):
+        cfg(stages=1, resume=True)
+    first = one_rank(task, cfg(**kw, checkpoint_every=1, max_steps=1))
+    resumed = one_rank(task, cfg(**kw, resume=True, max_steps=2))  # weights_only loading of what lowbit saved
+    assert resumed["losses"][0] == first["losses"][0] and len(resumed["losses"]) == 2
+    state = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    torch.save({**state, "extra": _NotATensor()}, tmp_path / "rank0.pt")
+    with pytest.raises(CheckpointError, match=r"refused to load: it holds a pickled Python object \(.*_NotATensor\)"):
+        one_rank(task, cfg(**kw, resume=True, max_steps=2))
+
+
+class _NotATensor:
+    pass
+
+
+def test_warm_up_and_steady_phases_are_reported_apart():
+    task = CharLMTask(n_examples=32, block=BLOCK, dim=DIM, depth=2, heads=2)  # 2 steps per epoch
+    c = dict(stages=1, batch_size=16, micro_batches=2, threads=None, mode="acsgd", epochs=2, warmup_epochs=1)
+    warm_only = one_rank(task, cfg(**c, max_steps=2))
+    assert warm_only["phases"]["warmup"]["steps"] == 2 and warm_only["phases"]["steady"] is None
+    assert warm_only["steady_bytes_per_step"] is None and warm_only["simulated_step_time_s"] == {}
+    both = one_rank(task, cfg(**c, max_steps=3))
+    assert both["phases"]["warmup"]["steps"] == 2 and both["phases"]["steady"]["steps"] == 1
+    assert both["steady_bytes_per_step"] == both["phases"]["steady"]["bytes_per_step"]
+    assert set(both["simulated_step_time_s"]) == {"100Mbps", "1Gbps"}
+
+
+def test_local_ranks_share_the_cores_by_default():
+    from lowbit.distributed.launch import local_threads
+
+    c = cfg(threads=None, replicas=2, micro_batches=2)
+    assert local_threads(c, c.world_size).threads == max(1, (os.cpu_count() or 1) // 4)
+    assert local_threads(cfg(threads=3), 2).threads == 3  # an explicit setting stays
+    assert c.threads is None  # the caller's config is not changed

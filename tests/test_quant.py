@@ -264,6 +264,12 @@ def test_quantize_copies_and_keeps_first_and_last_float():
     assert isinstance(q_all.stem[0], quant.QuantConv2d) and isinstance(q_all.head, quant.QuantLinear)
 
 
+def _with_rnn() -> nn.Module:
+    m = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 3), nn.Linear(3, 2))
+    m.add_module("rnn", nn.LSTM(3, 3))
+    return m
+
+
 def test_quantize_errors_name_the_problem():
     with pytest.raises(ValueError, match="unknown recipe 'xnr'"):
         quant.quantize(MLP(), "xnr")
@@ -284,8 +290,8 @@ def test_quantize_errors_name_the_problem():
             h = self.inp(x)
             return self.out(self.mid(self.mha(h, h, h)[0]))
 
-    with pytest.raises(ValueError, match=r"mha \(MultiheadAttention\)"):
-        quant.quantize(Attn(), "bnn")
+    with pytest.raises(ValueError, match=r"rnn' \(LSTM\).*skip=\['rnn'\]"):
+        quant.quantize(_with_rnn(), "bnn")
     q = quant.quantize(Attn(), "int8", skip=["mha"])
     assert isinstance(q.mid, quant.QuantLinear) and type(q.mha.out_proj) is not quant.QuantLinear
     assert q(torch.randn(2, 3, 8)).shape == (2, 3, 2)
@@ -443,8 +449,8 @@ def test_export_saves_loads_and_is_small(tmp_path):
 
 
 def test_export_refuses_what_it_cannot_pack():
-    with pytest.raises(ValueError, match="LSQ input quantizer"):
-        quant.export(quant.quantize(ResNet(widths=(8, 8, 8)), "int4"))
+    with pytest.raises(ValueError, match=r"UniformActivation inputs\) has no packed form"):
+        quant.export(quant.quantize(ResNet(widths=(8, 8, 8)), "qnn"))  # DoReFa inputs on [0, 1]
 
 
 def test_export_of_an_untraceable_model_warns_and_keeps_batchnorm():

@@ -1,7 +1,8 @@
 """Activation-compressed training: compress the tensors autograd saves for backward."""
 from lowbit.act import comet, division, mesa  # noqa: F401  (register their policies)
-from lowbit.act.checkpoint import checkpoint_blocks, remove_checkpoints
+from lowbit.act.checkpoint import checkpoint_blocks, checkpointed_blocks, remove_checkpoints
 from lowbit.act.comet import CometPolicy
+from lowbit.act.context import PolicyContext
 from lowbit.act.compressor import ActivationCompressor
 from lowbit.act.division import DivisionPolicy
 from lowbit.act.mesa import MesaPolicy
@@ -14,6 +15,7 @@ __all__ = [
     "MemoryReport",
     "ReportRow",
     "Policy",
+    "PolicyContext",
     "UniformPolicy",
     "GactPolicy",
     "POLICIES",
@@ -23,5 +25,6 @@ __all__ = [
     "CometPolicy",
     "MesaPolicy",
     "checkpoint_blocks",
+    "checkpointed_blocks",
     "remove_checkpoints",
 ]

@@ -35,10 +35,10 @@ class CometPolicy(GactPolicy):
     gradient error (root of the summed squared error over ``||g||**2``) the bounds aim at."""
 
     def __init__(self, bits: float | None = None, tolerance: float = 0.2, init_eb: float = 0.01, interval: int = 100,
-                 probe_bits: int | None = 4, probe_draws: int = 2, max_probes: int = 16, momentum: float = 0.5,
-                 level: int = 1, calibration_rounds: int = 4):
+                 probe_bits: int | None = 4, probe_draws: int = 1, max_probes: int = 16, momentum: float = 0.5,
+                 level: int = 1, calibration_rounds: int = 4, probe_groups: int | None = 6):
         super().__init__(2, interval=interval, probe_bits=probe_bits, probe_draws=probe_draws, max_probes=max_probes,
-                         momentum=momentum)
+                         momentum=momentum, probe_groups=probe_groups)
         if not 0 < tolerance < 1:
             raise ValueError(f"tolerance (relative gradient error) must lie in (0, 1), got {tolerance}")
         if not 0 < init_eb < 0.5:
@@ -50,7 +50,7 @@ class CometPolicy(GactPolicy):
         self.error_bounds: dict[int, float] = {}
         self.history: list[dict[int, float]] = []  # the bounds after each estimate
 
-    def encode(self, index: int, t: torch.Tensor, act) -> Packed | None:
+    def encode(self, index: int, t: torch.Tensor, ctx) -> Packed | None:
         eb = self.error_bounds.get(index)
         if eb is None:
             span = float(t.max() - t.min()) if t.numel() else 0.0

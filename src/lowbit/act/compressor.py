@@ -4,16 +4,24 @@ Built on ``torch.autograd.graph.saved_tensors_hooks``: inside ``with act:`` each
 saves goes through :meth:`ActivationCompressor._pack` and comes back through ``_unpack`` when
 backward needs it. The rules, in order:
 
-1. parameters and buffers (and their views, and autocast's casts of them) are returned as they
-   are: they are kept alive anyway, compressing them would only add a copy;
-2. tensors below ``min_numel`` elements (64 KiB of float32) are kept raw: they save nothing worth
-   having, and they are often the most sensitive ones (a classifier's log-softmax, norm statistics);
+1. parameters and buffers (and their views, and autocast's casts of them), and with ``model=``
+   the tensors passed to the model's forward (the batch), are returned as they are: they are
+   kept alive anyway, compressing them would only add a copy;
+2. tensors below ``min_numel`` elements (64 KiB of float32) are kept raw while they add up to at
+   most ``small_fraction`` of the step's saved bytes: a few of them save nothing worth having,
+   and they are often the most sensitive ones (a classifier's log-softmax, norm statistics); a
+   net that saves mostly small tensors (a GRU's per-timestep gates) gets them compressed;
 3. each storage is encoded once, even when several ops save it (a ReLU output saved by the
    ReLU and by the next conv), or save different views of it;
 4. bool tensors become 1-bit masks and integer tensors (max-pool argmax) are packed losslessly;
    floating tensors go to the policy, which picks a width (or None: keep raw);
 5. the version counter of every saved tensor is tracked without keeping its memory alive, so a
-   tensor modified in place before backward raises the error plain autograd would raise.
+   tensor modified in place before backward raises the error plain autograd would raise;
+6. backward gets each tensor back with the size, stride and storage offset it was saved with
+   (compiled backward graphs check them), see :mod:`lowbit.act.layout`.
+
+Policies see a :class:`~lowbit.act.context.PolicyContext`, sensitivities are measured by
+:mod:`lowbit.act.probe`, and bytes are accounted in :class:`~lowbit.act.report.MemoryReport` rows.
 """
 from __future__ import annotations
 
@@ -22,12 +30,15 @@ from typing import Callable
 
 import torch
 from torch import nn
+from torch._subclasses.fake_tensor import is_fake
 
-from lowbit.act.gact import TensorStat, flat_grad
+from lowbit.act import probe
+from lowbit.act.context import PolicyContext
+from lowbit.act.layout import restore_layout, span_of
+from lowbit.act.probe import ProbeState
 from lowbit.act.policy import NonePolicy, Policy, make_policy
 from lowbit.act.report import MemoryReport, ReportRow
 from lowbit.codecs import IndexCodec, MaskCodec, Packed, UniformCodec
-from lowbit.kernels import group_minmax
 
 _INPLACE_ERROR = (
     "one of the tensors saved for backward inside lowbit.act.ActivationCompressor (shape {shape}, "
@@ -40,7 +51,8 @@ _INPLACE_ERROR = (
 class _Entry:
     """One encoded storage (or one view of it, when the view covers only part of the storage)."""
 
-    __slots__ = ("packed", "raw", "kind", "index", "full_storage", "pending", "decoded", "on_free", "__weakref__")
+    __slots__ = ("packed", "raw", "kind", "index", "full_storage", "span", "pending", "decoded", "on_free",
+                 "__weakref__")
 
     def __init__(self, kind: str, packed: Packed | None = None, raw: torch.Tensor | None = None, index: int = -1):
         self.kind = kind
@@ -48,6 +60,7 @@ class _Entry:
         self.raw = raw
         self.index = index
         self.full_storage = False
+        self.span = False  # the encoding holds the storage span under a partial view (see layout.py)
         self.pending = 0  # saves of this entry not yet unpacked
         self.decoded: torch.Tensor | None = None
         self.on_free: Callable[[], None] | None = None  # called once autograd drops the entry (live-bytes accounting)
@@ -88,6 +101,13 @@ def _version_tracker(t: torch.Tensor) -> torch.Tensor | None:
         return tracker
     except (RuntimeError, AttributeError, TypeError):  # exotic tensor types: no check
         return None
+
+
+def _symbolic(t: torch.Tensor) -> bool:
+    """True for the fake / meta / functional tensors torch.compile traces with (no data to encode)."""
+    if t.device.type == "meta" or torch.compiler.is_compiling():
+        return True
+    return is_fake(t) or torch._is_functional_tensor(t)
 
 
 def _is_param_cast(t: torch.Tensor) -> bool:
@@ -138,7 +158,10 @@ class ActivationCompressor:
             tensors that require grad and their views are skipped), the report gets per-module
             rows, and GACT needs it to measure sensitivities.
         group_size: elements per quantization group (a multiple of 8).
-        min_numel: tensors with fewer elements are kept raw (default 16384: 64 KiB of float32).
+        min_numel: tensors with fewer elements are kept raw (default 16384: 64 KiB of float32) while
+            they add up to at most ``small_fraction`` of the step's saved bytes; beyond that, small
+            floating tensors are compressed too, down to ``floor_numel`` elements (recurrent nets
+            save hundreds of per-timestep tensors, each small).
         seed: seed of the private generator used for stochastic rounding.
         **options: method options (gact: ``interval``, ``probe_bits``, ``probe_draws``, ``max_probes``, ``momentum``).
 
@@ -161,6 +184,8 @@ class ActivationCompressor:
         group_size: int = 256,
         min_numel: int = 16384,
         seed: int = 0,
+        small_fraction: float = 0.05,
+        floor_numel: int = 1024,
         **options,
     ):
         self.policy: Policy = method if isinstance(method, Policy) else make_policy(method, bits, **options)
@@ -169,18 +194,26 @@ class ActivationCompressor:
             raise ValueError(f"method {method!r} needs model= (to know which saved tensors belong to which module)")
         self.method = method
         self.model = model
+        if model is not None:
+            self.policy.bind(model)
         self.min_numel = int(min_numel)
+        if not 0 <= small_fraction <= 1:
+            raise ValueError(f"small_fraction must lie in [0, 1], got {small_fraction}")
+        self.small_fraction = float(small_fraction)
+        self.floor_numel = min(int(floor_numel), self.min_numel)
         self._uniform = UniformCodec(bits=8, group_size=group_size, seed=seed)
         self._codecs = {"uniform": self._uniform, "mask": MaskCodec(), "index": IndexCodec(), **self.policy.codecs()}
         self._hooks: list[torch.autograd.graph.saved_tensors_hooks] = []
         self._module_stack: list[str] = []
         self._module_handles: list = []
         self._modules: dict[str, nn.Module] = {}
+        self.context = PolicyContext(self._uniform, self._module_stack, self._modules)
         self._param_ptrs: set[int] = set()
+        self._input_ptrs: set[int] = set()  # storages of the model's inputs in this `with` block
         self._cache: dict[tuple, tuple[weakref.ref, weakref.ref]] = {}
         self._index = 0
         self._steps = 0
-        self._probe: dict | None = None  # set while GACT measures sensitivities
+        self._probe: ProbeState | None = None  # set while GACT/COMET measure sensitivities
         self._last_report: MemoryReport | None = None
         self._reset_counts()
         self._live_raw = 0
@@ -197,6 +230,7 @@ class ActivationCompressor:
                 t.untyped_storage().data_ptr() for t in list(self.model.parameters()) + list(self.model.buffers())
             }
         self._index = 0
+        self._input_ptrs.clear()
         hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
         hooks.__enter__()
         self._hooks.append(hooks)
@@ -211,7 +245,7 @@ class ActivationCompressor:
         if t.is_leaf and isinstance(t, nn.Parameter):  # activations are not leaves: skip the slow metaclass check
             return True
         if self.model is not None:
-            if storage_ptr in self._param_ptrs:
+            if storage_ptr in self._param_ptrs or storage_ptr in self._input_ptrs:
                 return True
         else:
             base = t._base if t._base is not None else t
@@ -219,7 +253,10 @@ class ActivationCompressor:
                 return True
         return _is_param_cast(t)
 
+    @torch.compiler.disable  # runs eagerly on real tensors, also when called from a compiled graph
     def _pack(self, t: torch.Tensor):
+        if _symbolic(t):  # torch.compile tracing its graph: what it saves is compressed when the graph runs
+            return t
         storage = t.untyped_storage()
         ptr = storage.data_ptr()
         if self._skip(t, ptr):
@@ -238,14 +275,18 @@ class ActivationCompressor:
                 entry.pending += 1
                 saved.entry = entry
                 return saved
+        span = False
         if full and t.is_contiguous() and t.storage_offset() == 0:
             base = t  # keeps its shape: the index codec uses it
         elif full:
             base = torch.empty(0, dtype=t.dtype, device=t.device).set_(storage, 0, (storage_numel,), (1,))
-        else:
-            base = t
+        else:  # part of a storage: the dense span under it, or its values (restored into its strides)
+            dense = span_of(t) if not t.is_contiguous() else None
+            span = dense is not None
+            base = dense if span else t
         entry = self._encode(base.detach(), t)
         entry.full_storage = full
+        entry.span = span
         entry.pending = 1
         saved.entry = entry
         self._cache[key] = (weakref.ref(t), weakref.ref(entry))
@@ -253,7 +294,7 @@ class ActivationCompressor:
 
     def _encode(self, base: torch.Tensor, t: torch.Tensor) -> _Entry:
         raw_bytes = base.numel() * base.element_size()
-        if base.numel() < self.min_numel or isinstance(self.policy, NonePolicy):
+        if isinstance(self.policy, NonePolicy) or self._keep_small(base, raw_bytes):
             entry = _Entry("raw", raw=base)
         elif base.dtype == torch.bool:
             entry = _Entry("mask", packed=self._codecs["mask"].encode(base))
@@ -264,9 +305,9 @@ class ActivationCompressor:
             self._index += 1
             if self._probe is not None:
                 entry = _Entry("float", raw=base, index=index)
-                self._probe_stat(index, base)
+                self._probe.record(index, base, self.context.group_for(base, 2))
             else:
-                packed = self.policy.encode(index, base, self)
+                packed = self.policy.encode(index, base, self.context)
                 entry = _Entry("float", raw=base, index=index) if packed is None else _Entry("float", packed=packed, index=index)
         stored = entry.packed.nbytes if entry.packed is not None else raw_bytes
         bits_used = 32
@@ -275,6 +316,23 @@ class ActivationCompressor:
         self._account(entry, t, raw_bytes, stored, bits_used)
         return entry
 
+    def _keep_small(self, base: torch.Tensor, raw_bytes: int) -> bool:
+        """Whether a tensor is kept raw for being small. Below ``floor_numel`` always; below
+        ``min_numel`` while the small tensors kept raw stay within ``small_fraction`` of the bytes
+        saved so far in this step. A few small tensors (norm statistics, a classifier's
+        log-softmax) stay exact, but a net that saves almost only small tensors (a GRU's
+        per-timestep gates) gets them compressed."""
+        self._seen_bytes += raw_bytes
+        n = base.numel()
+        if n >= self.min_numel:
+            return False
+        if n < self.floor_numel or not base.dtype.is_floating_point:
+            return True
+        if self._small_raw_bytes + raw_bytes <= self.small_fraction * self._seen_bytes:
+            self._small_raw_bytes += raw_bytes
+            return True
+        return False
+
     @property
     def uniform_codec(self) -> UniformCodec:
         """The per-group uniform codec policies share (its generator drives stochastic rounding)."""
@@ -282,34 +340,17 @@ class ActivationCompressor:
 
     def current_module(self) -> tuple[str, nn.Module | None]:
         """(name, module) innermost in the forward right now (needs ``model=``; else ("-", None))."""
-        if not self._module_stack:
-            return "-", None
-        label = self._module_stack[-1]
-        return label, self._modules.get(label)
+        return self.context.current_module()
 
     def enclosing_modules(self) -> list[nn.Module]:
         """Every module whose forward is running right now, innermost first."""
-        return [self._modules[l] for l in reversed(self._module_stack) if l in self._modules]
+        return self.context.enclosing_modules()
 
-    def group_for(self, t: torch.Tensor) -> int:
-        """Groups that follow the tensor's structure, so each gets its own range:
-        - conv maps [N, C, H, W]: one channel plane (several small planes, to >= 64 elements),
-          as BatchNorm's backward is sensitive to channels with a small spread;
-        - (..., tokens, features) with 32..group_size features: one token row, as LayerNorm's
-          backward is sensitive to rows with a small spread (e.g. a class token);
-        - otherwise blocks of ``group_size``."""
-        gs = self._uniform.group_size
-        if t.dim() == 4 and t.is_contiguous():
-            plane = t.shape[2] * t.shape[3]
-            if plane >= 64:
-                return plane if plane <= 16 * gs else gs
-            if plane > 0:
-                return plane * -(-64 // plane)
-        d = t.shape[-1] if t.dim() >= 2 else 0
-        if 32 <= d <= gs:
-            return d
-        return gs
+    def group_for(self, t: torch.Tensor, bits: int | None = None) -> int:
+        """Elements per quantization group for ``t`` (see :func:`lowbit.codecs.uniform.layout_group`)."""
+        return self.context.group_for(t, bits)
 
+    @torch.compiler.disable
     def _unpack(self, saved):
         if not isinstance(saved, _Saved):
             return saved
@@ -320,21 +361,23 @@ class ActivationCompressor:
                 )
             )
         entry = saved.entry
-        noisy = self._probe.get("noisy") if self._probe is not None else None
-        if noisy is not None and entry.kind == "float" and entry.index == noisy:
-            raw = entry.raw
-            base = self._uniform.decode(self._uniform.encode(raw, bits=self._probe["bits"], group_size=self.group_for(raw)))
+        noisy = self._probe.noisy if self._probe is not None else None
+        if isinstance(noisy, frozenset) and entry.kind == "float" and entry.index in noisy:
+            raw, bits = entry.raw, self._probe.bits[entry.index]
+            base = self._uniform.decode(self._uniform.encode(raw, bits=bits, group_size=self.context.group_for(raw, bits)))
         elif noisy == "policy" and entry.kind == "float" and entry.raw is not None:
-            packed = self.policy.encode(entry.index, entry.raw, self)  # every tensor as the policy would store it
+            packed = self.policy.encode(entry.index, entry.raw, self.context)  # every tensor as the policy would store it
             base = entry.raw if packed is None else self._codecs[packed.codec].decode(packed)
         else:
             base = entry.decode(self._codecs)
         if entry.full_storage:
             return base.as_strided(saved.size, saved.stride, saved.offset)
-        return base
+        return restore_layout(base, saved.size, saved.stride, saved.offset, entry.span)
 
     # ------------------------------------------------------------------ accounting
     def _reset_counts(self) -> None:
+        self._seen_bytes = 0  # bytes saved since the last step (for the small-tensor floor)
+        self._small_raw_bytes = 0
         self._rows: dict[tuple[str, str, str], ReportRow] = {}
         self._raw_total = 0
         self._stored_total = 0
@@ -383,6 +426,15 @@ class ActivationCompressor:
 
     # ------------------------------------------------------------------ modules
     def _watch_modules(self, model: nn.Module) -> None:
+        def inputs(_m, args, kwargs):
+            # the caller holds the model's inputs (the batch) through backward anyway: compressing
+            # them would add a copy and save nothing, and a quantized image costs the stem's
+            # weight gradient most of its accuracy
+            for v in list(args) + list(kwargs.values()):
+                if isinstance(v, torch.Tensor) and v.grad_fn is None and not _symbolic(v):
+                    self._input_ptrs.add(v.untyped_storage().data_ptr())
+
+        self._module_handles.append(model.register_forward_pre_hook(inputs, with_kwargs=True))
         for name, mod in model.named_modules():
             label = name or type(model).__name__
             self._modules[label] = mod
@@ -402,6 +454,7 @@ class ActivationCompressor:
         for h in self._module_handles:
             h.remove()
         self._module_handles.clear()
+        self.policy.close()
 
     # ------------------------------------------------------------------ adaptation
     def step(self, closure: Callable[[], torch.Tensor] | None = None) -> None:
@@ -419,56 +472,8 @@ class ActivationCompressor:
 
     def estimate(self, closure: Callable[[], torch.Tensor]) -> dict[int, float]:
         """Measure per-tensor gradient sensitivities on one batch and let the adaptive policy
-        (GACT: bits, COMET: error bounds) re-decide; returns {index: c_l}."""
-        if not self.policy.adaptive:
-            raise RuntimeError(f"method {self.method!r} has nothing to estimate")
-        if self.model is None:
-            raise ValueError(f"{self.method} needs model= to measure sensitivities (the gradient w.r.t. its parameters)")
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        buffers = {k: v.clone() for k, v in self.model.state_dict().items() if not isinstance(v, nn.Parameter)}
-        self._probe = {"stats": {}, "bits": None, "noisy": None}
-        measured: dict[int, float] = {}
-        try:
-            with self:
-                loss = closure()
-            if not isinstance(loss, torch.Tensor) or loss.dim() != 0 or not loss.requires_grad:
-                raise TypeError("the estimate closure must return the scalar loss of a forward pass (no backward)")
-            exact = flat_grad(loss, params)
-            stats: dict[int, TensorStat] = self._probe["stats"]
-            draws = self.policy.probe_draws
-            for i in self.policy.probe_order(sorted(stats)):
-                bits = self.policy.probe_bits or stats[i].min_bits  # probe where the decision is hardest
-                self._probe["noisy"], self._probe["bits"] = i, bits
-                err = sum(float((flat_grad(loss, params) - exact).pow(2).sum()) for _ in range(draws)) / draws
-                variance = stats[i].rsq / float((1 << bits) - 1) ** 2
-                measured[i] = err / variance if variance > 0 else 0.0
-            self.policy.update(stats, measured, grad_sq=float(exact.pow(2).sum()))
-            if hasattr(self.policy, "calibrate"):  # closed loop: the policy checks its whole setting
-                self._probe["noisy"] = "policy"
-
-                def rel_error() -> float:
-                    err = sum(float((flat_grad(loss, params) - exact).pow(2).sum()) for _ in range(draws)) / draws
-                    return (err / max(float(exact.pow(2).sum()), 1e-30)) ** 0.5
-
-                self.policy.calibrate(rel_error)
-            del loss
-        finally:
-            self._probe = None
-            with torch.no_grad():
-                for k, v in self.model.state_dict().items():
-                    if k in buffers:
-                        v.copy_(buffers[k])
-        return measured
-
-    def _probe_stat(self, index: int, base: torch.Tensor) -> None:
-        gs = self.group_for(base)
-        mins, maxs = group_minmax(base.detach().reshape(-1).float().contiguous(), gs)
-        counts = torch.full_like(mins, float(gs))
-        counts[-1] = base.numel() - gs * (len(mins) - 1)
-        rsq = float((counts * (maxs - mins).pow(2)).sum()) / 4.0
-        # ReLU-like tensors (groups with minimum exactly 0) lose their zeros at 1 bit: never go below 2
-        min_bits = 2 if float((mins == 0).float().mean()) > 0.5 else 1
-        self._probe["stats"][index] = TensorStat(numel=base.numel(), rsq=rsq, min_bits=min_bits)
+        (GACT: bits, COMET: error bounds) re-decide; returns {index: c_l}. See :mod:`lowbit.act.probe`."""
+        return probe.estimate(self, closure)
 
     @property
     def bit_allocation(self) -> dict[int, int]:

@@ -7,13 +7,15 @@ Linearised model of the gradient error (GACT, ICML 2022): quantizing saved tenso
 
 the stochastic-rounding variance of the tensor, and ``c_l`` its sensitivity. Every
 ``interval`` steps the sensitivities are measured on one batch: a forward that keeps every
-tensor exact, the exact parameter gradient, then one extra backward per probed tensor in
-which only that tensor is quantized at ``probe_bits`` (the graph is retained, so a probe
-costs one backward, no forward), by default at the lowest width the tensor may get, where the
-allocation decision is hardest. ``c_l = ||g_l - g||**2 / S_l(probe_bits)``, averaged over
-``probe_draws`` rounding draws and smoothed over
-estimates. At most ``max_probes`` tensors are probed per estimate (round robin) after the
-first, which probes all, so the overhead per estimate is bounded.
+tensor exact, the exact parameter gradient, then one extra backward per probed group of
+consecutive tensors (``probe_groups``, default 6: about one per stage of the net) in which
+only that group is quantized, each tensor at ``probe_bits`` (default: the lowest width it may
+get, where the allocation decision is hardest); the graph is retained, so a group costs one
+backward, no forward. ``c = ||g_noisy - g||**2 / sum_l S_l(b_l)`` is given to every member,
+averaged over ``probe_draws`` rounding draws and smoothed over estimates. A probe so costs
+about as much as a few training steps whatever the depth (see :mod:`lowbit.act.probe`).
+``probe_groups=None`` probes tensor by tensor (at most ``max_probes`` per estimate after the
+first, round robin).
 
 Bits are then allocated to minimise ``sum_l c_l S_l(b_l)`` subject to
 ``sum_l b_l numel_l <= budget * sum_l numel_l``, greedily by variance reduction per extra bit.
@@ -90,15 +92,19 @@ class GactPolicy(Policy):
         bits: float | None = 2,
         interval: int = 100,
         probe_bits: int | None = None,
-        probe_draws: int = 2,
+        probe_draws: int = 1,
         max_probes: int = 16,
         momentum: float = 0.5,
+        probe_groups: int | None = 6,
     ):
         self.bits = 2.0 if bits is None else float(bits)
         if not (min(SUPPORTED_BITS) <= self.bits <= max(SUPPORTED_BITS)):
             raise ValueError(f"gact average bits must be within {SUPPORTED_BITS[0]}..{SUPPORTED_BITS[-1]}, got {bits}")
-        if interval < 1 or max_probes < 1:
-            raise ValueError("interval and max_probes must be >= 1")
+        if interval < 1 or max_probes < 1 or probe_draws < 1:
+            raise ValueError("interval, max_probes and probe_draws must be >= 1")
+        if probe_groups is not None and (isinstance(probe_groups, bool) or not isinstance(probe_groups, int) or probe_groups < 1):
+            raise ValueError(f"probe_groups must be a positive integer or None (tensor by tensor), got {probe_groups!r}")
+        self.probe_groups = probe_groups
         self.interval = interval
         self.probe_bits = probe_bits
         self.probe_draws = probe_draws
@@ -120,8 +126,9 @@ class GactPolicy(Policy):
         return step % self.interval == 0
 
     def probe_order(self, indices: list[int]) -> list[int]:
-        """All indices on the first estimate, then ``max_probes`` of them round robin."""
-        if self.estimates == 0 or len(indices) <= self.max_probes:
+        """All indices when probing by groups or on the first estimate, then (tensor by tensor)
+        ``max_probes`` of them round robin."""
+        if self.probe_groups is not None or self.estimates == 0 or len(indices) <= self.max_probes:
             return indices
         start = self._cursor % len(indices)
         self._cursor += self.max_probes

@@ -2,7 +2,7 @@
 name to its policy class, so a new method is one new class and nothing else changes.
 
 The default :meth:`Policy.encode` asks :meth:`Policy.bits_for` for a width and uses the
-compressor's per-group uniform codec; a policy with its own codec overrides ``encode`` and lists
+context's per-group uniform codec; a policy with its own codec overrides ``encode`` and lists
 the codec in :meth:`Policy.codecs` so the compressor can decode what it made."""
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from lowbit.codecs import Packed
 from lowbit.codecs.uniform import check_bits
 
 if TYPE_CHECKING:
-    from lowbit.act.compressor import ActivationCompressor
+    from lowbit.act.context import PolicyContext
 
 POLICIES: dict[str, type["Policy"]] = {}
 
@@ -42,16 +42,23 @@ class Policy:
     def bits_for(self, index: int, t: torch.Tensor) -> int | None:
         raise NotImplementedError
 
-    def encode(self, index: int, t: torch.Tensor, act: "ActivationCompressor") -> Packed | None:
-        """The ``index``-th saved floating tensor of the step -> its encoding, or None to keep it raw."""
+    def encode(self, index: int, t: torch.Tensor, ctx: "PolicyContext") -> Packed | None:
+        """The ``index``-th saved floating tensor of the step -> its encoding, or None to keep it raw.
+        ``ctx`` answers which codec, which groups and which module is running."""
         bits = self.bits_for(index, t)
         if bits is None:
             return None
-        return act.uniform_codec.encode(t, bits=bits, group_size=act.group_for(t))
+        return ctx.uniform_codec.encode(t, bits=bits, group_size=ctx.group_for(t, bits))
 
     def codecs(self) -> dict:
         """{name: codec} of the codecs this policy's encodings need for decoding (besides uniform)."""
         return {}
+
+    def bind(self, model: "torch.nn.Module") -> None:
+        """Called once with the compressor's ``model=`` (when given), before any forward."""
+
+    def close(self) -> None:
+        """Remove whatever the policy installed (module hooks); called by the compressor's close()."""
 
     def describe(self) -> str:
         return self.name

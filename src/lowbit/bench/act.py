@@ -27,6 +27,7 @@ from lowbit.bench.common import (
     image_data,
     markdown_table,
     method_label,
+    write_json,
     reference_model,
     save_results,
 )
@@ -338,4 +339,207 @@ def plot(results: dict, path: Path) -> None:
         ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------
+# the real-model matrix: transformers' GPT-2, BERT and ResNet-18 (`lowbit bench act --models hf`)
+# ---------------------------------------------------------------------------------------------
+HF_CONFIGS: dict[str, dict] = {
+    # size "small" of lowbit.models.hf: 4 layers, d=256, vocab 1000 / ResNet-18 widths 64..512 on 96x96
+    "gpt2": {"batch": 4, "seq": 256},
+    "bert": {"batch": 4, "seq": 256},
+    "llama": {"batch": 4, "seq": 256},
+    "resnet18": {"batch": 8},
+}
+HF_METHODS: list[tuple[str, float | None]] = [("none", None), ("checkpoint", None), ("checkpoint+uniform", 4),
+                                              ("uniform", 4), ("uniform", 2), ("gact", 2), ("division", 2),
+                                              ("mesa", None)]
+# step-peak targets: GPT-2 at sequence 512 where held activations dominate (vocab 1000, batch 8)
+# and where the logits do (vocab 50257, batch 2)
+PEAK_TARGETS: list[dict] = [
+    {"model": "gpt2", "batch": 8, "seq": 512, "vocab": 1000,
+     "methods": [("none", None), ("checkpoint", None), ("uniform", 2)]},
+    {"model": "gpt2", "batch": 2, "seq": 512, "vocab": 50257,
+     "methods": [("none", None), ("checkpoint", None), ("division", 2)]},
+]
+
+
+def _hf_grads(name: str, method: str, bits, cfg: dict, draws: int, seed: int) -> dict:
+    """Train-mode gradient fidelity: dropout draws the same masks (same seed before every forward)
+    and BatchNorm normalises with batch statistics, as in training."""
+    from lowbit.bench.memory import hf_setup
+
+    model, _, loss_fn = hf_setup(name, "small", cfg["batch"], cfg.get("seq"), cfg.get("vocab"), seed)
+    model.train()
+
+    def grad(act) -> torch.Tensor:
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(seed + 7)
+        with act if act is not None else contextlib.nullcontext():
+            loss = loss_fn()
+        loss.backward()
+        return torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.grad is not None])
+
+    exact = grad(None)
+    act = make_compressor(method, bits, model, seed)
+    t0 = time.perf_counter()
+    if act.policy.adaptive:
+        torch.manual_seed(seed + 7)
+        act.estimate(loss_fn)
+    estimate_s = time.perf_counter() - t0
+    cos, rel = [], []
+    for _ in range(draws):
+        g = grad(act).double()
+        cos.append(float(F.cosine_similarity(g, exact.double(), dim=0)))
+        rel.append(float((g - exact).pow(2).sum() / exact.double().pow(2).sum()))
+    rep = act.report()
+    act.close()
+    return {"grad_cosine": statistics.mean(cos), "grad_rel_sq_error": statistics.mean(rel),
+            "lowbit_ratio": rep.ratio, "report_method": rep.method, "estimate_s": estimate_s}
+
+
+def _hf_paired_time(name: str, method: str, bits, cfg: dict, pairs: int, seed: int, warmup: int = 1) -> dict:
+    """Step time (forward, backward, AdamW step) of ``method`` against plain autograd, in
+    alternating steps on identically initialised models; the ratio is the median over ``pairs``."""
+    from lowbit.bench.memory import hf_setup
+
+    runs = []
+    for m, b in (("plain", None), (method, bits)):
+        model, _, loss_fn = hf_setup(name, "small", cfg["batch"], cfg.get("seq"), cfg.get("vocab"), seed)
+        model.train()
+        act = None if m == "plain" else make_compressor(m, b, model, seed)
+        if act is not None and act.policy.adaptive:
+            act.estimate(loss_fn)
+        runs.append((model, act, loss_fn, torch.optim.AdamW(model.parameters(), lr=1e-4)))
+
+    def step(model, act, loss_fn, opt) -> float:
+        t0 = time.perf_counter()
+        with act if act is not None else contextlib.nullcontext():
+            loss = loss_fn()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return time.perf_counter() - t0
+
+    for _ in range(warmup):
+        for r in runs:
+            step(*r)
+    plain, comp = [], []
+    for _ in range(pairs):
+        plain.append(step(*runs[0]))
+        comp.append(step(*runs[1]))
+    return {"paired_plain_ratio": statistics.median(c / p for p, c in zip(plain, comp)),
+            "paired_step_time_s": statistics.median(comp), "paired_plain_step_time_s": statistics.median(plain)}
+
+
+def hf_rows(models=("gpt2", "bert", "resnet18"), methods=HF_METHODS, quick: bool = False, memory: bool = True,
+            targets: bool = True, pairs: int | None = None, draws: int | None = None, seed: int = 0,
+            out: str | Path = "benchmarks/results/act-hf", log=print) -> dict:
+    """`lowbit bench act --models hf`: ACT on transformers' GPT-2, BERT (and Llama) and a ResNet-18,
+    built from configs (:mod:`lowbit.models.hf`, size "small", random weights and data).
+
+    Per (model, method), all in train mode: the memory held between forward and backward and the
+    step's PEAK (RSS growth of forward + backward, measured in a child process; ratios to
+    ``none``), lowbit's byte ratio, the gradient cosine to the exact gradient (same dropout
+    masks, BatchNorm on batch statistics; mean over ``draws`` rounding draws) and the step time
+    against plain autograd (alternating steps, median over ``pairs``). ``targets`` adds the
+    step-peak checks of :data:`PEAK_TARGETS` (GPT-2 at sequence 512). Writes
+    ``out/act-hf.json``, ``.md`` and a plot; returns the results."""
+    from lowbit.bench.memory import measure_held_memory
+
+    pairs = pairs or (3 if quick else 8)
+    draws = draws or (2 if quick else 4)
+    results: dict = {"quick": quick, "seed": seed, "threads": torch.get_num_threads(), "pairs": pairs, "draws": draws,
+                     "size": "small", "train_mode": True, "rows": [], "targets": []}
+    try:
+        from tqdm import tqdm
+    except ImportError:  # pragma: no cover
+        tqdm = None
+    if targets and memory:
+        for t in PEAK_TARGETS:
+            for method, bits in t["methods"]:
+                mem = measure_held_memory(f"hf-{t['model']}", method, bits, t["batch"], repeats=1 if quick else 2,
+                                          size="small", seq=t["seq"], vocab=t["vocab"], train=True)
+                entry = {"model": t["model"], "batch": t["batch"], "seq": t["seq"], "vocab": t["vocab"],
+                         "label": method_label(method, bits), "held_bytes": mem["held_bytes"],
+                         "step_peak_bytes": mem["step_peak_bytes"]}
+                plain = next((p for p in results["targets"] if p["label"] == "none" and p["vocab"] == t["vocab"]
+                              and p["batch"] == t["batch"]), entry)
+                entry["peak_of_plain"] = entry["step_peak_bytes"] / max(plain["step_peak_bytes"], 1)
+                results["targets"].append(entry)
+                log(f"target {t['model']} seq {t['seq']} vocab {t['vocab']} batch {t['batch']} {entry['label']}: "
+                    f"held {entry['held_bytes'] / 2**20:.0f} MiB, step peak {entry['step_peak_bytes'] / 2**20:.0f} MiB "
+                    f"({entry['peak_of_plain']:.2f} of plain)")
+                write_json(results, Path(out) / "act-hf.json")
+    jobs = [(m, meth, b) for m in models for meth, b in methods if not (meth == "mesa" and m == "resnet18")]
+    bar = tqdm(jobs, desc="bench act hf", disable=tqdm is None) if tqdm else jobs
+    base: dict[str, dict] = {}
+    for name, method, bits in bar:
+        cfg = HF_CONFIGS[name]
+        row = {"model": name, "label": method_label(method, bits), "method": method, "bits": bits, **cfg}
+        if memory:
+            mem = measure_held_memory(f"hf-{name}", method, bits, cfg["batch"], repeats=1 if quick else 2,
+                                      size="small", seq=cfg.get("seq"), vocab=cfg.get("vocab"), train=True)
+            row.update(held_bytes=mem["held_bytes"], step_peak_bytes=mem["step_peak_bytes"])
+        row.update(_hf_grads(name, method, bits, cfg, draws, seed))
+        if method != "none":
+            row.update(_hf_paired_time(name, method, bits, cfg, pairs, seed))
+        else:
+            row.update(paired_plain_ratio=1.0)
+        if method == "none":
+            base[name] = row
+        b = base.get(name)
+        if memory and b is not None:
+            row["held_ratio"] = b["held_bytes"] / max(row["held_bytes"], 1)
+            row["peak_ratio"] = b["step_peak_bytes"] / max(row["step_peak_bytes"], 1)
+        results["rows"].append(row)
+        write_json(results, Path(out) / "act-hf.json")  # a long run can be stopped with what it has
+        log(f"{name}/{row['label']}: held {row.get('held_bytes', float('nan')) / 2**20:.1f} MiB "
+            f"(÷{row.get('held_ratio', float('nan')):.1f}), step peak {row.get('step_peak_bytes', float('nan')) / 2**20:.1f} MiB "
+            f"(÷{row.get('peak_ratio', float('nan')):.2f}), grad cos {row['grad_cosine']:.4f}, "
+            f"step ×{row['paired_plain_ratio']:.2f}")
+    save_results(results, out, "act-hf", hf_table, hf_plot, log)
+    return results
+
+
+def hf_table(results: dict) -> str:
+    headers = ["model", "method", "held MiB", "held ÷", "step peak MiB", "peak ÷", "lowbit ratio",
+               "grad cos (train)", "step × plain"]
+    rows = []
+    for r in results["rows"]:
+        held, peak = r.get("held_bytes"), r.get("step_peak_bytes")
+        rows.append([r["model"], r["label"], "-" if held is None else round(held / 2**20, 1),
+                     round(r.get("held_ratio", float("nan")), 1), "-" if peak is None else round(peak / 2**20, 1),
+                     round(r.get("peak_ratio", float("nan")), 2), round(r["lowbit_ratio"], 1),
+                     round(r["grad_cosine"], 4), round(r["paired_plain_ratio"], 2)])
+    text = markdown_table(headers, rows)
+    if results.get("targets"):
+        trows = [[f"gpt2 seq {t['seq']} vocab {t['vocab']} batch {t['batch']}", t["label"],
+                  round(t["held_bytes"] / 2**20), round(t["step_peak_bytes"] / 2**20), round(t["peak_of_plain"], 2)]
+                 for t in results["targets"]]
+        text += "\n\nStep peak where the issue is hardest (train mode):\n\n" + markdown_table(
+            ["config", "method", "held MiB", "step peak MiB", "peak / plain"], trows)
+    return text
+
+
+def hf_plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = list(dict.fromkeys(r["model"] for r in results["rows"]))
+    fig, axes = plt.subplots(1, len(models), figsize=(4.5 * len(models), 3.8), squeeze=False)
+    for ax, m in zip(axes[0], models):
+        for r in (r for r in results["rows"] if r["model"] == m and "peak_ratio" in r):
+            ax.scatter(r["peak_ratio"], r["grad_cosine"], s=36)
+            ax.annotate(r["label"], (r["peak_ratio"], r["grad_cosine"]), fontsize=7, xytext=(3, 3),
+                        textcoords="offset points")
+        ax.set_xlabel("step peak reduction vs none (x, RSS)")
+        ax.set_ylabel("gradient cosine (train mode)")
+        ax.set_title(m)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -18,13 +18,22 @@ ALL_METHODS: list[tuple[str, float | None]] = [("none", None), ("checkpoint", No
 
 
 def make_compressor(method: str, bits: float | None, model: torch.nn.Module, seed: int = 0):
-    """The ActivationCompressor for a benchmark row; ``"checkpoint"`` wraps the model's blocks in
-    torch.utils.checkpoint (in place) and accounts the rest like ``"none"``."""
+    """The ActivationCompressor for a benchmark row.
+
+    ``"checkpoint"`` wraps every repeated block of the model in torch.utils.checkpoint (in place)
+    and accounts the rest like ``"none"``; ``"checkpoint+<method>"`` (e.g. ``checkpoint+uniform``
+    with ``bits=2``) checkpoints every second block and compresses what the rest saves with
+    ``<method>``."""
     from lowbit.act import ActivationCompressor, checkpoint_blocks
 
     if method == "checkpoint":
         checkpoint_blocks(model)
         return ActivationCompressor("none", model=model, seed=seed)
+    if method.startswith("checkpoint+"):
+        checkpoint_blocks(model, every=2)
+        method = method.split("+", 1)[1]
+    if bits is not None and method in ("uniform", "division"):
+        bits = int(bits)
     return ActivationCompressor(method, bits=bits, model=model, seed=seed)
 
 

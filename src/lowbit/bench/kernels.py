@@ -7,6 +7,10 @@
 2. the exported binary conv layers (BatchNorm folded in) against nn.Conv2d (float32) at batch 1 and 64.
 3. end to end: the exported XNOR ResNet against the float one at batch 1 and 64, both as trained
    and as fast as plain torch runs it (BatchNorm folded, channels-last), and sizes.
+4. integer inference: a ResNet-18-class CNN and a BERT (``transformers`` configs, "small"; "tiny"
+   with ``quick``) post-training quantized to W8A8 and W4A8 (round to nearest) and exported to
+   integer layers (int8 GEMM through ``torch._int_mm``), against the float32 model; the largest
+   difference of the exported model's output from the fake-quantized one's.
 Best of repeated runs after a warm-up, float and packed calls alternating; ratios are float
 time / packed time.
 """
@@ -112,9 +116,40 @@ def run(sizes=SIZES, quick: bool = False, out: str | Path = "results/kernels", l
     max_diff = _layerwise_difference(qmodel, unfolded, torch.randn(4, 1, 28, 28))
     agree = _top1_agreement(unfolded, packed, torch.randn(256, 1, 28, 28))
     results = {"quick": quick, "threads": torch.get_num_threads(), "rows": rows, "model_size": sizes_row,
-               "export_max_abs_diff_vs_fake_quant": max_diff, "export_top1_agreement": agree}
+               "export_max_abs_diff_vs_fake_quant": max_diff, "export_top1_agreement": agree,
+               "int_export": int_export_rows(quick, log)}
     save_results(results, out, "kernels", table_markdown, plot, log)
     return results
+
+
+@torch.no_grad()
+def int_export_rows(quick: bool = False, log=print) -> list[dict]:
+    """Float32 against the integer export (W8A8, W4A8 RTN) for a ResNet-18-class CNN and a BERT;
+    [] with a note when ``transformers`` is missing."""
+    try:
+        from lowbit.models.hf import hf_batch, hf_model
+    except ImportError:  # pragma: no cover - needs the hf extra
+        log("integer export rows skipped: needs `transformers` (pip install 'lowbit[hf]')")
+        return []
+    size = "tiny" if quick else "small"
+    rows = []
+    for name, batch, seq in (("resnet18", 8, None), ("bert", 8, 32 if quick else 128)):
+        torch.manual_seed(0)
+        model = hf_model(name, size).eval()
+        gen = torch.Generator().manual_seed(0)
+        calib = next(iter(hf_batch(name, model, 32, seq, size, gen).values()))
+        x = next(iter(hf_batch(name, model, batch, seq, size, gen).values()))
+        for wb, ab in ((8, 8), (4, 8)):
+            q = quant.ptq(model, calib, w_bits=wb, a_bits=ab, progress=False)
+            e = quant.export(q)
+            diff = float((e(x).logits - q(x).logits).abs().max())
+            t_f, t_i = _paired_times(lambda: model(x), lambda: e(x), repeats=3 if quick else 5)
+            rows.append({"model": f"{name} ({size})", "config": f"W{wb}A{ab}", "batch": batch, "float_ms": 1e3 * t_f,
+                         "int_ms": 1e3 * t_i, "speedup": t_f / t_i, "max_abs_diff_vs_fake_quant": diff,
+                         "float32_bytes": quant.storage_bytes(model), "exported_bytes": quant.storage_bytes(e)})
+            log(f"{name} W{wb}A{ab} batch {batch}: float32 {1e3 * t_f:.1f} ms, integer export {1e3 * t_i:.1f} ms "
+                f"(x{t_f / t_i:.2f}), max |export - fake quant| {diff:.1e}")
+    return rows
 
 
 @torch.no_grad()
@@ -147,7 +182,17 @@ def table_markdown(results: dict) -> str:
             + f"\n\nexported XNOR ResNet: {s['packed_bytes']:,} bytes vs {s['float32_bytes']:,} float32 "
               f"({s['compression']:.1f}x smaller); largest |packed layer - fake-quantized layer| on the same "
               f"input: {results['export_max_abs_diff_vs_fake_quant']:.1e} (BatchNorm unfolded); BatchNorm folded: "
-              f"same top-1 class as unfolded on {100 * results.get('export_top1_agreement', float('nan')):.1f}% of random inputs")
+              f"same top-1 class as unfolded on {100 * results.get('export_top1_agreement', float('nan')):.1f}% of random inputs"
+            + _int_table(results.get("int_export", [])))
+
+
+def _int_table(rows: list[dict]) -> str:
+    if not rows:
+        return ""
+    body = [[r["model"], r["config"], r["batch"], round(r["float_ms"], 2), round(r["int_ms"], 2), round(r["speedup"], 2),
+             f"{r['max_abs_diff_vs_fake_quant']:.1e}", f"{r['float32_bytes'] / r['exported_bytes']:.1f}x"] for r in rows]
+    return "\n\ninteger export (post-training RTN, int8 GEMM) against float32:\n\n" + markdown_table(
+        ["model", "config", "batch", "float32 ms", "integer ms", "speedup ×", "max |export - fake quant|", "smaller"], body)
 
 
 def plot(results: dict, path: Path) -> None:

@@ -97,6 +97,34 @@ class UniformCodec:
         return out.view(p.shape).to(p.dtype)
 
 
+def layout_group(t: torch.Tensor, group_size: int = 256, bits: int | None = None) -> int:
+    """Elements per group that follow a tensor's structure, so each group gets its own range:
+
+    - conv maps [N, C, H, W]: groups inside one channel plane, as BatchNorm's backward is
+      sensitive to channels with a small spread; at 2 bits and below, blocks of 32-64 elements
+      of the plane (a whole plane's range is set by its brightest pixels, and at 3 levels the
+      flat rest of the plane would lose its detail), else the whole plane; planes under 64
+      elements are taken several at a time (to >= 64 elements);
+    - (..., tokens, features) with 32..group_size features: one token row, as LayerNorm's
+      backward is sensitive to rows with a small spread (e.g. a class token);
+    - otherwise blocks of ``group_size``."""
+    gs = group_size
+    if t.dim() == 4 and t.is_contiguous():
+        plane = t.shape[2] * t.shape[3]
+        if plane >= 64:
+            if bits is not None and bits <= 2:
+                fine = next((d for d in range(64, 31, -1) if plane % d == 0), None)
+                if fine is not None:
+                    return fine
+            return plane if plane <= 16 * gs else gs
+        if plane > 0:
+            return plane * -(-64 // plane)
+    d = t.shape[-1] if t.dim() >= 2 else 0
+    if 32 <= d <= gs:
+        return d
+    return gs
+
+
 def _check_group(group_size: int) -> int:
     if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size <= 0:
         raise ValueError(f"group_size must be a positive integer, got {group_size!r}")

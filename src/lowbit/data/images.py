@@ -10,11 +10,13 @@ import numpy as np
 import torch
 
 DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
+ENV_VAR = "LOWBIT_FASHION_MNIST"
 INSTALL_HINT = (
     "Fashion-MNIST not found. On Debian/Ubuntu: `sudo apt-get install dataset-fashion-mnist` "
-    "(IDX files in /usr/share/datasets/fashion-mnist), or pass root= / set LOWBIT_FASHION_MNIST to any "
+    f"(IDX files in /usr/share/datasets/fashion-mnist), or pass root= / set {ENV_VAR} to any "
     "folder holding train-images-idx3-ubyte[.gz] etc. (a torchvision FashionMNIST/raw folder works)."
 )
+FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 _SPLITS = {"train": "train", "test": "t10k"}
 
 
@@ -33,16 +35,9 @@ def _read_idx(path: Path) -> np.ndarray:
     return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
 
 
-def _candidates(root: str | os.PathLike | None) -> list[Path]:
-    roots = [Path(root)] if root is not None else []
-    if root is None and os.environ.get("LOWBIT_FASHION_MNIST"):
-        roots.append(Path(os.environ["LOWBIT_FASHION_MNIST"]))
-    if root is None:
-        roots.append(Path(DEBIAN_FASHION_MNIST))
-    out = []
-    for r in roots:
-        out += [r, r / "raw", r / "FashionMNIST" / "raw"]
-    return out
+def _layouts(root: Path) -> list[Path]:
+    """Where the IDX files may sit under a root: itself, raw/, FashionMNIST/raw/ (torchvision)."""
+    return [root, root / "raw", root / "FashionMNIST" / "raw"]
 
 
 def _find(folder: Path, stem: str) -> Path | None:
@@ -52,12 +47,28 @@ def _find(folder: Path, stem: str) -> Path | None:
     return None
 
 
+def _holds_all(folder: Path) -> bool:
+    return all(_find(folder, f) for f in FILES)
+
+
 def fashion_mnist_dir(root: str | os.PathLike | None = None) -> Path:
-    """The first folder holding the Fashion-MNIST IDX files; raises DatasetNotFound otherwise."""
-    for folder in _candidates(root):
-        if _find(folder, "train-images-idx3-ubyte") and _find(folder, "t10k-labels-idx1-ubyte"):
+    """The folder holding the four Fashion-MNIST IDX files (gzipped or not): under ``root`` if
+    given, else under $LOWBIT_FASHION_MNIST if set, else the Debian package's folder. A root or
+    variable that is given but holds no files raises :class:`DatasetNotFound` naming it (there is
+    no quiet fall-back to another copy)."""
+    if root is not None:
+        where, looked = f"root={os.fspath(root)!r}", _layouts(Path(root))
+    elif os.environ.get(ENV_VAR):
+        where, looked = f"{ENV_VAR}={os.environ[ENV_VAR]}", _layouts(Path(os.environ[ENV_VAR]))
+    else:
+        where, looked = "", _layouts(Path(DEBIAN_FASHION_MNIST))
+    for folder in looked:
+        if _holds_all(folder):
             return folder
-    raise DatasetNotFound(INSTALL_HINT + f" Looked in: {', '.join(str(c) for c in _candidates(root))}")
+    if where:
+        raise DatasetNotFound(f"{where} holds no Fashion-MNIST: the four IDX files ({', '.join(FILES)}, gzipped "
+                              f"or not) are not all in {looked[0]}, its raw/ or its FashionMNIST/raw/\n{INSTALL_HINT}")
+    raise DatasetNotFound(INSTALL_HINT + f" Looked in: {', '.join(str(f) for f in looked)}")
 
 
 def load_fashion_mnist(split: str = "train", root: str | os.PathLike | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -97,5 +108,7 @@ def load_images(name: str = "fashion-mnist", split: str = "train", limit: int | 
     else:
         raise ValueError(f"unknown image data set {name!r}: choose 'fashion-mnist' or 'digits'")
     if limit is not None:
+        if limit < 1:
+            raise ValueError(f"limit must be a positive number of images, got {limit}")
         x, y = x[:limit], y[:limit]
     return ((x.float() - mean) / std).unsqueeze(1), y

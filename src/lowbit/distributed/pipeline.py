@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from lowbit.checkpoints import load_checkpoint
 from lowbit.codecs import UniformCodec
 from lowbit.codecs.uniform import check_bits
 from lowbit.distributed.bandwidth import parse_bandwidth, simulated_step_time
@@ -83,6 +84,12 @@ class PipelineConfig:
                 check_bits(getattr(self, name))
         if self.checkpoint_every and not self.checkpoint_dir:
             raise ValueError("checkpoint_every needs checkpoint_dir")
+        if self.resume and not self.checkpoint_dir:
+            raise ValueError("resume needs checkpoint_dir (the folder the checkpoints were saved to)")
+        if self.memory == "disk" and not self.memory_dir:
+            raise ValueError("memory='disk' needs memory_dir (the folder of the reference files)")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be at least 1 (or None), got {self.threads}")
 
     @property
     def world_size(self) -> int:
@@ -236,7 +243,8 @@ class _Stage:
         tmp.replace(path)  # a crash mid-save never leaves a half-written checkpoint
 
     def load(self) -> None:
-        state = torch.load(self._ckpt_path(), weights_only=False)
+        # tensors and plain containers only (weights_only): a checkpoint can not run code
+        state = load_checkpoint(self._ckpt_path())
         self.step = state["step"]
         self.module.load_state_dict(state["module"])
         self.opt.load_state_dict(state["opt"])
@@ -288,7 +296,9 @@ def train_pipeline(task: PipelineTask, cfg: PipelineConfig, device: torch.device
         g = dist.new_group([r * cfg.stages + s for r in range(cfg.replicas)]) if cfg.replicas > 1 else None
         if s == st.stage:
             st.dp_group = g
-    if cfg.resume and st._ckpt_path().exists():
+    if cfg.resume:
+        if not st._ckpt_path().is_file():  # resuming from nothing is a mistake, not a fresh start
+            raise PipelineError(f"resume: rank {rank} has no checkpoint {st._ckpt_path()}")
         st.load()
     _world_agrees(st.step, "the step to resume from (a checkpoint file is missing or stale)")
     steps = total_steps(cfg, task.n_examples)
@@ -313,7 +323,10 @@ def train_pipeline(task: PipelineTask, cfg: PipelineConfig, device: torch.device
 
 def merge_results(per_rank: list[dict], cfg: PipelineConfig) -> dict:
     """Loss per step (summed over replicas), bytes per step by kind and per link, simulated step
-    times at each bandwidth (see :func:`simulated_step_time`)."""
+    times at each bandwidth (see :func:`simulated_step_time`). ``phases["warmup"]`` and
+    ``phases["steady"]`` hold each phase's step count, mean bytes per step and median simulated
+    step times (None for a phase with no step); ``steady_bytes_per_step`` and
+    ``simulated_step_time_s`` repeat the steady phase's (None and {} when every step was warm-up)."""
     per_rank = sorted(per_rank, key=lambda r: r["rank"])
     n_steps = len(per_rank[0]["bytes"])
     last = [r for r in per_rank if r["losses"] is not None]
@@ -333,16 +346,26 @@ def merge_results(per_rank: list[dict], cfg: PipelineConfig) -> dict:
     compute = [max(r["step_times"][t] for r in per_rank) for t in range(n_steps)]
     median_compute = statistics.median(compute[1:] if n_steps > 1 else compute)
     warm_steps = sum(per_rank[0]["warm"])
-    steady = [t for t in range(n_steps) if not per_rank[0]["warm"][t]] or list(range(n_steps))
-    steady_bytes = {k: statistics.mean(bytes_per_step[t][k] for t in steady) for k in kinds}
-    sims = {}
-    for bw in cfg.bandwidths:
-        times = [simulated_step_time(compute[t], link_bytes[t], dp_bytes[t], bw) for t in steady]
-        sims[bw] = statistics.median(times)
+
+    def phase(steps: list[int]) -> dict | None:
+        if not steps:
+            return None
+        return {"steps": len(steps),
+                "bytes_per_step": {k: statistics.mean(bytes_per_step[t][k] for t in steps) for k in kinds},
+                "simulated_step_time_s": {bw: statistics.median(simulated_step_time(compute[t], link_bytes[t], dp_bytes[t], bw)
+                                                                for t in steps) for bw in cfg.bandwidths}}
+
+    # the fp32 warm-up and the steps after it are reported apart: a run that never left the
+    # warm-up has no "after" figures (None), rather than warm-up figures under that name
+    phases = {"warmup": phase([t for t in range(n_steps) if per_rank[0]["warm"][t]]),
+              "steady": phase([t for t in range(n_steps) if not per_rank[0]["warm"][t]])}
+    steady = phases["steady"]
     return {"config": asdict(cfg), "losses": losses, "bytes_per_step": bytes_per_step, "link_bytes": link_bytes,
-            "warmup_steps": warm_steps, "steady_bytes_per_step": steady_bytes,
+            "warmup_steps": warm_steps, "phases": phases,
+            "steady_bytes_per_step": steady["bytes_per_step"] if steady else None,
             "total_bytes": {k: sum(b[k] for b in bytes_per_step) for k in kinds},
-            "median_step_time_s": median_compute, "simulated_step_time_s": sims,
+            "median_step_time_s": median_compute,
+            "simulated_step_time_s": steady["simulated_step_time_s"] if steady else {},
             "memory_checksums": {r["rank"]: r["memory_checksums"] for r in per_rank},
             "param_checksums": {r["rank"]: r["param_checksum"] for r in per_rank},
             "memory_bytes": sum(r["memory_bytes"] for r in per_rank)}

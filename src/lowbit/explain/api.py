@@ -2,86 +2,70 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 
+from lowbit.explain.blackbox import as_model
 from lowbit.explain.estimators import exact_shapley, kernel_shapley, permutation_shapley
-from lowbit.explain.shear import (
-    OUTSIDE_LAWS,
-    NotDifferentiable,
-    finite_difference_interactions,
-    group_interactions,
-    hessian_interactions_batch,
-    shear_shapley,
-)
-from lowbit.explain.value import Model, ValueFunction, check_groups
+from lowbit.explain.inputs import as_rows, players as player_groups
+from lowbit.explain.interactions import finite_difference_logit, shear_hessian_interactions
+from lowbit.explain.result import ShapleyResult
+from lowbit.explain.shear import OUTSIDE_LAWS, NotDifferentiable, finite_difference_interactions, shear_shapley
+from lowbit.explain.value import Model, ValueFunction
 
 METHODS = ("exact", "permutation", "antithetic", "kernel", "shear")
 DEFAULT_BUDGET = 16
-_HESSIAN_ELEMENTS = 1 << 22  # per batched Hessian call (16 MiB of float32)
-
-
-@dataclass
-class ShapleyResult:
-    values: torch.Tensor  # [M] or [B, M] (players, when groups are given)
-    base_value: torch.Tensor  # v(empty): mean model output on the baseline, [] or [B]
-    full_value: torch.Tensor  # v(all) = f(x), [] or [B]
-    evaluations: list[int] = field(default_factory=list)  # coalitions evaluated per instance
-    seconds: list[float] = field(default_factory=list)  # wall time per instance
-
-
-def _check_tensor(name: str, t) -> torch.Tensor:
-    if not isinstance(t, torch.Tensor):
-        t = torch.as_tensor(t)
-    if not t.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
-    if t.numel() == 0:
-        raise ValueError(f"{name} is empty (shape {list(t.shape)})")
-    if not torch.isfinite(t).all():
-        raise ValueError(f"{name} contains NaN or Inf")
-    return t
 
 
 def shapley(
     model: Model,
-    x: torch.Tensor,
-    baseline: torch.Tensor,
+    x,
+    baseline,
     method: str = "exact",
     budget: int | None = None,
     seed: int = 0,
     target: int | Sequence[int] | torch.Tensor | None = None,
-    groups: Sequence[Sequence[int]] | None = None,
+    groups: Sequence[Sequence[int | str]] | Mapping[str, Sequence[int | str]] | None = None,
     batch_size: int = 8192,
     max_exact_players: int = 16,
     interactions: str = "hessian",
     shear_outside: str = "shapley",
     return_details: bool = False,
+    feature_names: Sequence[str] | None = None,
 ) -> torch.Tensor | ShapleyResult:
     """Shapley values of ``model``'s prediction at ``x`` against ``baseline``.
 
-    model: maps float [N, M] to [N] (or [N, C] with ``target`` = a class, or one class per row of x).
-    x: one instance [M] or a batch [B, M]. baseline: one reference row [M] or a background set
-    [K, M]; v(S) = mean over its rows of f(x on S, baseline elsewhere).
+    model: maps float [N, M] to [N] (or [N, C] with ``target`` = a class, or one class per row of
+    x): a torch module or function, or any black box taking a 2-D array (numpy; a DataFrame with
+    x's columns when x is one) and returning an array, e.g. scikit-learn's ``clf.predict_proba``;
+    it is called on chunks of ``batch_size`` rows. Black boxes work with every method except
+    SHEAR's default ``interactions="hessian"`` (it needs autograd; an error says what to use).
+    x: one instance [M] or a batch [B, M]; baseline: one reference row [M] or a background set
+    [K, M]; v(S) = mean over its rows of f(x on S, baseline elsewhere). Both may be torch tensors,
+    numpy arrays or pandas DataFrames (a Series for one row); DataFrame column names become
+    ``feature_names``.
     method: "exact" (all 2^P coalitions; refused past ``max_exact_players``), "permutation",
     "antithetic", "kernel" (KernelSHAP, paired sampling, efficiency constrained), "shear".
     budget: coalition evaluations per player per instance (SHEAR's unit; default 16), ignored
-    by "exact". groups: lists of feature indices that act as one player (one-hot blocks); then
-    the result has one value per group. interactions (SHEAR): "hessian" (autograd second
-    derivatives; a clear error when the model has none) or "finite-difference" (mixed differences
-    of the value function, P(P+1)/2 + 1 extra evaluations counted in the budget). shear_outside:
-    how SHEAR sets the players outside a feature's cooperator game, "shapley" (unbiased, default)
-    or "uniform" (x or baseline with probability 1/2 each, the paper's description).
-    Returns [M] / [B, M] in x's dtype (or a ShapleyResult with ``return_details``)."""
+    by "exact". groups: players made of several columns (one-hot blocks): lists of column
+    indices or names, or {player name: columns}; then the result has one value per group.
+    interactions (SHEAR): "hessian" (autograd second derivatives; a clear error when the model has
+    none; a saturated probability output is ranked on its logit, with a ``SaturationWarning``) or
+    "finite-difference" (mixed differences of the value function, P(P+1)/2 + 1 extra evaluations
+    counted in the budget). shear_outside: how SHEAR sets the players outside a feature's
+    cooperator game, "shapley" (unbiased, default) or "uniform" (x or baseline with probability
+    1/2 each, the paper's description).
+    Returns a tensor [P] / [B, P] in x's dtype (float64 for DataFrames), or with
+    ``return_details`` a :class:`ShapleyResult` (base value, names, ``.to_shap()``)."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}: choose one of {METHODS}")
     if shear_outside not in OUTSIDE_LAWS:
         raise ValueError(f"unknown shear_outside {shear_outside!r}: choose one of {OUTSIDE_LAWS}")
     if interactions not in ("hessian", "finite-difference"):
         raise ValueError(f"unknown interactions {interactions!r}: choose 'hessian' or 'finite-difference'")
-    x = _check_tensor("x", x)
-    baseline = _check_tensor("baseline", baseline).to(x.dtype)
+    x, columns = as_rows("x", x)
+    baseline = as_rows("baseline", baseline, columns if hasattr(baseline, "columns") and columns else None)[0].to(x.dtype)
     single = x.dim() == 1
     xs = x[None] if single else x
     if xs.dim() != 2:
@@ -89,7 +73,8 @@ def shapley(
     background = baseline[None] if baseline.dim() == 1 else baseline
     if background.dim() != 2 or background.shape[1] != xs.shape[1]:
         raise ValueError(f"baseline must be [M] or [K, M] with M = {xs.shape[1]} features, got shape {list(baseline.shape)}")
-    players = check_groups(groups, xs.shape[1])
+    names = list(feature_names) if feature_names is not None else columns
+    players, player_names = player_groups(groups, names, xs.shape[1])
     p = len(players)
     if method == "exact" and p > max_exact_players:
         raise ValueError(f"exact Shapley values need 2^{p} = {2**p:,} coalitions per instance; the limit is "
@@ -98,17 +83,17 @@ def shapley(
         budget = DEFAULT_BUDGET
     if method != "exact" and (int(budget) != budget or budget < 2):
         raise ValueError(f"budget (evaluations per feature) must be an integer >= 2, got {budget}")
+    model = as_model(model, background[:1], columns)
     targets = _targets(target, xs.shape[0])
     gen = torch.Generator().manual_seed(seed)
     values, base, full, evals, secs = [], [], [], [], []
-    etas, eta_secs = None, 0.0
+    etas, modes, eta_secs = None, [], 0.0
     if method == "shear" and interactions == "hessian":  # one batched Hessian for all instances
         t0 = time.perf_counter()
-        rows = max(1, _HESSIAN_ELEMENTS // xs.shape[1] ** 2)  # chunks keep [rows, M, M] small
-        etas = [group_interactions(e, players)
-                for c in range(0, xs.shape[0], rows)
-                for e in hessian_interactions_batch(model, xs[c : c + rows], background.mean(0), targets[c : c + rows])]
+        etas, modes = shear_hessian_interactions(model, xs, background, players, targets)
         eta_secs = (time.perf_counter() - t0) / xs.shape[0]  # its share of each instance's time
+    elif method == "shear":
+        modes = ["finite-difference"] * xs.shape[0]
     for b in range(xs.shape[0]):
         t0 = time.perf_counter() - eta_secs
         v = ValueFunction(model, xs[b], background, players, targets[b], batch_size)
@@ -120,7 +105,12 @@ def shapley(
         elif method == "kernel":
             phi = kernel_shapley(v, total, gen)
         else:
-            eta = etas[b] if etas is not None else finite_difference_interactions(v)
+            if etas is None:
+                eta = finite_difference_interactions(v)
+            elif etas[b] is None:  # a saturated row without a usable logit Hessian
+                eta = finite_difference_logit(v, b)
+            else:
+                eta = etas[b]
             phi = shear_shapley(v, eta, int(budget), gen, shear_outside)
         secs.append(time.perf_counter() - t0)
         evals.append(v.evaluations)
@@ -133,7 +123,10 @@ def shapley(
     if not return_details:
         return out[0] if single else out
     return ShapleyResult(out[0] if single else out, torch.tensor(base[0] if single else base, dtype=x.dtype),
-                         torch.tensor(full[0] if single else full, dtype=x.dtype), evals, secs)
+                         torch.tensor(full[0] if single else full, dtype=x.dtype), evals, secs,
+                         data=x.detach().clone(), feature_names=player_names, column_names=names,
+                         groups=players if groups is not None else None, interactions=modes,
+                         saturated=[b for b, m in enumerate(modes) if m.endswith("-logit")])
 
 
 def _targets(target, n: int) -> list:
@@ -147,4 +140,4 @@ def _targets(target, n: int) -> list:
     return [int(i) for i in t.reshape(-1)]
 
 
-__all__ = ["shapley", "ShapleyResult", "METHODS", "NotDifferentiable"]
+__all__ = ["shapley", "ShapleyResult", "METHODS", "NotDifferentiable", "DEFAULT_BUDGET"]

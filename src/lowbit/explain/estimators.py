@@ -5,6 +5,7 @@ version; KernelSHAP with paired sampling and the efficiency constraint; SHEAR li
 Budgets are coalition evaluations in total (the caller turns "per feature" into a total)."""
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -18,6 +19,14 @@ def _all_masks(p: int) -> torch.Tensor:
     return ((ints[:, None] >> torch.arange(p)) & 1).bool()
 
 
+@functools.lru_cache(maxsize=4)
+def _masks_by_size(p: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(all masks [2^p, p], their sizes [2^p]), built once per p (read only: KernelSHAP's design
+    selects rows from them for every instance)."""
+    masks = _all_masks(p)
+    return masks, masks.sum(1)
+
+
 def shapley_weights(p: int) -> torch.Tensor:
     """w[s] = s! (p - s - 1)! / p! for s = 0..p-1 (float64)."""
     s = torch.arange(p, dtype=torch.float64)
@@ -25,18 +34,16 @@ def shapley_weights(p: int) -> torch.Tensor:
 
 
 def exact_shapley(v: ValueFunction) -> torch.Tensor:
-    """All 2^P coalitions evaluated once, shared by every player."""
+    """All 2^P coalitions evaluated once, shared by every player: phi_i = sum over S without i of
+    w(|S|) (v(S + i) - v(S)), for all players at once on a [2^P, P] table of differences."""
     p = v.players
-    masks = _all_masks(p)
+    masks, sizes = _masks_by_size(p)
     vals = v(masks)
-    sizes = masks.sum(1)
-    w = shapley_weights(p)
     ints = torch.arange(2**p, dtype=torch.int64)
-    phi = torch.empty(p, dtype=torch.float64)
-    for i in range(p):
-        without = ints[((ints >> i) & 1) == 0]
-        phi[i] = (w[sizes[without]] * (vals[without | (1 << i)] - vals[without])).sum()
-    return phi
+    with_i = ints[:, None] | (1 << torch.arange(p))[None, :]  # [2^P, P]: S + i
+    diff = vals[with_i] - vals[:, None]  # v(S + i) - v(S); zero where i is already in S
+    w = shapley_weights(p)[sizes.clamp(max=p - 1)]  # w(|S|); rows with |S| = P only hold zeros
+    return (diff * w[:, None]).masked_fill(masks, 0.0).sum(0)
 
 
 def permutation_shapley(v: ValueFunction, evaluations: int, generator: torch.Generator, antithetic: bool = False) -> torch.Tensor:
@@ -79,8 +86,7 @@ def _kernel_design(p: int, budget: int, generator: torch.Generator) -> tuple[tor
     weights: list[torch.Tensor] = []
     left, left_mass = budget, sum(mass.values())
     open_sizes = list(sizes)
-    all_masks = _all_masks(p) if p <= 16 else None  # enumeration is only ever affordable for small p
-    all_sizes = all_masks.sum(1) if all_masks is not None else None
+    all_masks, all_sizes = _masks_by_size(p) if p <= 16 else (None, None)  # enumeration: affordable for small p only
     for s in sizes:
         if all_masks is None or left_mass <= 0 or left * mass[s] / left_mass < count[s]:
             break

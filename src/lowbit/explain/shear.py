@@ -26,23 +26,59 @@ class NotDifferentiable(ValueError):
     """The model gives SHEAR no usable second derivatives."""
 
 
+ALTERNATIVES = ("use method='kernel' or method='antithetic' (they need only the model's outputs), or keep "
+                "method='shear' with interactions='finite-difference' (mixed differences of model outputs)")
+
+
 def hessian_interactions(model: Model, x: torch.Tensor, reference: torch.Tensor, target=None) -> torch.Tensor:
     """|H(x)| * |x - r| outer |x - r| over features: float64 [M, M], zero diagonal."""
     return hessian_interactions_batch(model, x[None], reference, [target])[0]
 
 
+def _logit(p: torch.Tensor) -> torch.Tensor:
+    return torch.log(p) - torch.log1p(-p)
+
+
 def hessian_interactions_batch(model: Model, xs: torch.Tensor, reference: torch.Tensor, targets: list) -> torch.Tensor:
     """:func:`hessian_interactions` of every row of ``xs`` [B, M] at once: float64 [B, M, M] (host).
+    Raises :class:`NotDifferentiable` when a row's Hessian is not finite or all zero."""
+    h = hessian_batch(model, xs, targets)
+    if not torch.isfinite(h).all():
+        raise NotDifferentiable(f"SHEAR: the model's Hessian at x is not finite; {ALTERNATIVES}")
+    if xs.shape[1] > 1 and bool((h.flatten(1).abs().sum(1) == 0).any()):
+        raise NotDifferentiable(ZERO_HESSIAN)
+    return cross_contributions(h, xs, reference)
+
+
+def cross_contributions(h: torch.Tensor, xs: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """eta = |H| * |x - r| outer |x - r| with a zero diagonal: float64 [B, M, M] on the host."""
+    d = (xs.detach() - reference).abs().double().to(h.device)
+    eta = h.abs() * d[:, :, None] * d[:, None, :]
+    eta.diagonal(dim1=1, dim2=2).zero_()
+    return eta.cpu()  # cooperator selection and the coalition masks are small host work
+
+
+def hessian_batch(model: Model, xs: torch.Tensor, targets: list, link: str = "identity") -> torch.Tensor:
+    """Hessians of the explained output at every row of ``xs`` [B, M]: float64 [B, M, M].
 
     One forward of the whole batch, its input gradient with a graph, then one backward per
     feature j (row j of every instance's Hessian): M + 1 backward passes for the batch instead
-    of a functorch Hessian per instance. The model must treat rows independently (eval mode)."""
+    of a functorch Hessian per instance. The model must treat rows independently (eval mode).
+    link: "identity" (the model's output) or "logit" (log(f / (1 - f)) of a probability output)."""
+    if getattr(model, "differentiable", True) is False:
+        raise NotDifferentiable(f"SHEAR's interactions='hessian' needs the model's second derivatives, and {model!r} is a "
+                                f"black box (arrays in, arrays out: no autograd); {ALTERNATIVES}")
     tgt = targets[0] if all(t == targets[0] for t in targets) else torch.tensor(targets)
     b, m = xs.shape
     try:
         with torch.enable_grad():
             z = xs.detach().clone().requires_grad_(True)
-            (g,) = torch.autograd.grad(model_output(model, z, tgt).sum(), z, create_graph=True)
+            out = model_output(model, z, tgt)
+            if not out.requires_grad:
+                raise NotDifferentiable(
+                    "SHEAR's interactions='hessian' needs the model's second derivatives, and its output carries no "
+                    f"autograd graph (a numpy or black-box model, or one run under torch.no_grad); {ALTERNATIVES}")
+            (g,) = torch.autograd.grad((_logit(out) if link == "logit" else out).sum(), z, create_graph=True)
             h = torch.zeros(b, m, m, dtype=xs.dtype, device=xs.device)
             if g.requires_grad:  # else the gradient is constant in x: a zero Hessian
                 for j in range(m):
@@ -51,25 +87,21 @@ def hessian_interactions_batch(model: Model, xs: torch.Tensor, reference: torch.
                         h[:, j] = row.detach()
     except (RuntimeError, NotImplementedError, TypeError) as e:
         raise NotDifferentiable(
-            f"SHEAR needs second derivatives of the model and autograd could not take them ({e}); "
-            "use interactions='finite-difference'") from None
-    if not torch.isfinite(h).all():
-        raise NotDifferentiable("SHEAR: the model's Hessian at x is not finite; use interactions='finite-difference'")
-    d = (xs.detach() - reference).abs().double()
-    eta = h.abs().double() * d[:, :, None] * d[:, None, :]
-    if m > 1 and bool((eta.flatten(1).sum(1) == 0).any()):
-        raise NotDifferentiable(
-            "SHEAR: the model's second derivatives are zero at x (a piecewise-linear model such as a ReLU "
-            "network?), so they cannot rank cooperators; use interactions='finite-difference' or a smooth "
-            "activation (softplus, GELU)")
-    eta.diagonal(dim1=1, dim2=2).zero_()
-    return eta.cpu()  # cooperator selection and the coalition masks are small host work
+            f"SHEAR needs second derivatives of the model and autograd could not take them ({e}); {ALTERNATIVES}") from None
+    return h.double()
 
 
-def finite_difference_interactions(v: ValueFunction) -> torch.Tensor:
+ZERO_HESSIAN = ("SHEAR: the model's second derivatives are zero at x (a piecewise-linear model such as a ReLU "
+                "network?), so they cannot rank cooperators; use interactions='finite-difference' or a smooth "
+                "activation (softplus, GELU)")
+
+
+def finite_difference_interactions(v: ValueFunction, link: str = "identity") -> torch.Tensor:
     """|v(N) - v(N - i) - v(N - j) + v(N - i - j)| for every pair of players: the discrete mixed
     difference between x and the reference, which equals |H_ij| |dx_i| |dx_j| to second order.
-    Costs 1 + P + P (P - 1) / 2 evaluations (counted in the budget)."""
+    Costs 1 + P + P (P - 1) / 2 evaluations (counted in the budget). link "logit": the differences
+    of logit(v), v clipped to [eps, 1 - eps] of float32 (a saturated coalition stands at the
+    logit float32 can still tell from 1)."""
     p = v.players
     full = torch.ones(p, dtype=torch.bool)
     singles = full.repeat(p, 1)
@@ -79,6 +111,9 @@ def finite_difference_interactions(v: ValueFunction) -> torch.Tensor:
     pairs[torch.arange(iu.shape[1]), iu[0]] = False
     pairs[torch.arange(iu.shape[1]), iu[1]] = False
     vals = v(torch.cat([full[None], singles, pairs]))
+    if link == "logit":
+        eps = torch.finfo(torch.float32).eps
+        vals = _logit(vals.clamp(eps, 1 - eps))
     vn, vs, vp = vals[0], vals[1 : p + 1], vals[p + 1 :]
     eta = torch.zeros(p, p, dtype=torch.float64)
     eta[iu[0], iu[1]] = (vn - vs[iu[0]] - vs[iu[1]] + vp).abs()

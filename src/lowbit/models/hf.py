@@ -46,27 +46,28 @@ def hf_model(name: str, size: str = "tiny", num_labels: int = 10, attn_implement
         raise ValueError(f"unknown size {size!r}: choose one of {sorted(_SIZES)}")
     tf = _transformers()
     s = _SIZES[size]
+
+    def cfg(defaults: dict[str, Any]) -> dict[str, Any]:
+        return {**defaults, **overrides}  # the caller's fields win over the size's
+
     if name == "gpt2":
-        overrides.setdefault("bos_token_id", s["vocab"] - 1)
-        overrides.setdefault("eos_token_id", s["vocab"] - 1)
-        cfg = tf.GPT2Config(n_layer=s["layers"], n_embd=s["hidden"], n_head=s["heads"], vocab_size=s["vocab"],
-                            n_positions=max(s["seq"], 64), **overrides)
-        model = tf.GPT2LMHeadModel(cfg)
+        model = tf.GPT2LMHeadModel(tf.GPT2Config(**cfg(dict(
+            n_layer=s["layers"], n_embd=s["hidden"], n_head=s["heads"], vocab_size=s["vocab"],
+            n_positions=max(s["seq"], 64), bos_token_id=s["vocab"] - 1, eos_token_id=s["vocab"] - 1))))
     elif name == "bert":
-        cfg = tf.BertConfig(num_hidden_layers=s["layers"], hidden_size=s["hidden"], num_attention_heads=s["heads"],
-                            intermediate_size=4 * s["hidden"], vocab_size=s["vocab"],
-                            max_position_embeddings=max(s["seq"], 64), num_labels=num_labels, **overrides)
-        model = tf.BertForSequenceClassification(cfg)
+        model = tf.BertForSequenceClassification(tf.BertConfig(**cfg(dict(
+            num_hidden_layers=s["layers"], hidden_size=s["hidden"], num_attention_heads=s["heads"],
+            intermediate_size=4 * s["hidden"], vocab_size=s["vocab"], max_position_embeddings=max(s["seq"], 64),
+            num_labels=num_labels))))
     elif name == "llama":
-        cfg = tf.LlamaConfig(num_hidden_layers=s["layers"], hidden_size=s["hidden"], num_attention_heads=s["heads"],
-                             num_key_value_heads=max(1, s["heads"] // 2), intermediate_size=3 * s["hidden"],
-                             vocab_size=s["vocab"], max_position_embeddings=max(s["seq"], 64), **overrides)
-        model = tf.LlamaForCausalLM(cfg)
+        model = tf.LlamaForCausalLM(tf.LlamaConfig(**cfg(dict(
+            num_hidden_layers=s["layers"], hidden_size=s["hidden"], num_attention_heads=s["heads"],
+            num_key_value_heads=max(1, s["heads"] // 2), intermediate_size=3 * s["hidden"], vocab_size=s["vocab"],
+            max_position_embeddings=max(s["seq"], 64)))))
     else:
-        cfg = tf.ResNetConfig(layer_type="basic", depths=[2, 2, 2, 2], hidden_sizes=s["widths"],
-                              embedding_size=s["widths"][0], num_channels=overrides.pop("num_channels", 3),
-                              num_labels=num_labels, **overrides)
-        model = tf.ResNetForImageClassification(cfg)
+        model = tf.ResNetForImageClassification(tf.ResNetConfig(**cfg(dict(
+            layer_type="basic", depths=[2, 2, 2, 2], hidden_sizes=s["widths"], embedding_size=s["widths"][0],
+            num_channels=3, num_labels=num_labels))))
     if name != "resnet18":
         model.config._attn_implementation = attn_implementation
     return model

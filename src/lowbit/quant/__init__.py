@@ -7,7 +7,9 @@ QuantConv2d / QuantLinear, recipes that turn a float model into a quantized one,
 """
 from lowbit.quant import functions, vertical
 from lowbit.quant.export import export, storage_bytes
-from lowbit.quant.layers import QuantConv2d, QuantLinear, penalty, quant_layers, set_progress
+from lowbit.quant.onnx_export import export_onnx
+from lowbit.quant.attention import SplitMultiheadAttention
+from lowbit.quant.layers import QuantConv1d, QuantConv2d, QuantEmbedding, QuantLinear, penalty, quant_layers, set_progress
 from lowbit.quant.mixed import ALLOCATION_WIDTHS, allocate_bits, average_bits, fold_batchnorm, hutchinson_trace, rtn_weight, sensitivity, weight_counts
 from lowbit.quant.ptq import ptq
 from lowbit.quant.reconstruct import AdaRoundWeight, find_units, reconstruct
@@ -31,10 +33,11 @@ from lowbit.quant.size import ModelSize, model_size, summary
 from lowbit.quant.train import distillation_loss, train_quantized
 
 __all__ = [
-    "functions", "vertical", "QuantConv2d", "QuantLinear", "penalty", "quant_layers", "set_progress", "LSQ", "BinaryActivation",
+    "functions", "vertical", "QuantConv2d", "QuantConv1d", "QuantLinear", "QuantEmbedding", "SplitMultiheadAttention", "penalty", "quant_layers", "set_progress", "LSQ", "BinaryActivation",
     "BinaryWeight", "GradientQuantizer", "NoiseAdaptation", "Quantizer", "SignQuantizer", "SparseBinaryWeight",
     "TernaryWeight", "UniformActivation", "UniformWeight", "RECIPES", "Recipe", "get_recipe", "quantize",
     "register_recipe", "ModelSize", "model_size", "summary", "distillation_loss", "train_quantized", "export",
     "storage_bytes", "ALLOCATION_WIDTHS", "allocate_bits", "average_bits", "fold_batchnorm", "hutchinson_trace", "rtn_weight", "sensitivity", "weight_counts",
-    "ptq", "FixedUniform", "BorderQuantizer", "AdaRoundWeight", "find_units", "reconstruct",
+    "ptq", "export_onnx", "FixedUniform", "BorderQuantizer", "AdaRoundWeight", "find_units", "reconstruct",
 ]
+from lowbit.quant.weight_only import quantize_weights; __all__ += ["quantize_weights"]  # noqa: E402, E702

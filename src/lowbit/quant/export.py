@@ -9,6 +9,9 @@ bit-packed and, where inputs are binary too, computes them with XOR-popcount.
   is computed as in training.
 - sparse binary weights x binary inputs (sbnn): W = beta + (alpha - beta) M, so
   W x = beta * sum(x) + (alpha - beta) * (M x), M x from the two-plane kernel.
+- k-bit weights (int8, int4 recipes; ``ptq`` models) with inputs of at most 8 bits or float:
+  PackedIntLayer / PackedIntEmbedding (``export_int``): integer codes (4-bit ones two per byte)
+  with per-channel scales, integer GEMM on int8 input codes.
 - binary or ternary weights x float inputs (bwn, ternary, ternary-hq, ternary-ptq):
   PackedWeightConv2d / PackedWeightLinear store 1 or 2 bit-planes plus scales and decode to
   float on the first forward (the file and the stored model are small; the product is float).
@@ -37,7 +40,8 @@ from lowbit.kernels.binary import (
     unpack_signs,
     xor_popcount_product,
 )
-from lowbit.quant.layers import QUANT_LAYERS, set_submodule
+from lowbit.quant.export_int import PackedIntEmbedding, PackedIntLayer, int_exportable
+from lowbit.quant.layers import QUANT_LAYERS, QuantConv1d, QuantEmbedding, is_hf_conv1d, set_submodule
 from lowbit.quant.quantizers import BinaryActivation, BinaryWeight, SparseBinaryWeight, TernaryWeight
 
 
@@ -225,8 +229,15 @@ class PackedBinaryLayer(_PackedBase):
         else:
             lead, x = x.shape[:-1], x.reshape(-1, x.shape[-1])
             acc = binary_matmul(pack_signs(x), self.weight_signs, self.k)  # [N, O] exact integers
-            y = scale_epilogue(acc, self.alpha, None, 1, self._xnor_k(x), self.bias).to(x.dtype)
-            return y.reshape(*lead, -1)
+            # the epilogue in the fake-quantized layer's own order of float operations
+            # ((acc * alpha) * K + bias): the same bits, so no downstream sign can flip
+            y = acc.to(torch.float32) * self.alpha
+            k = self._xnor_k(x)
+            if k is not None:
+                y = y * k.reshape(-1, 1)
+            if self.bias is not None:
+                y = y + self.bias
+            return y.to(x.dtype).reshape(*lead, -1)
         y = scale_epilogue(acc, self.alpha, corr, ho * wo, self._xnor_k(x), self.bias).to(x.dtype)
         return y.reshape(n, ho, wo, -1).permute(0, 3, 1, 2)  # channels-last memory: the next pack needs no copy
 
@@ -309,18 +320,27 @@ class PackedWeightLayer(_PackedBase):
 
 def _packed_for(name: str, layer: nn.Module) -> nn.Module:
     wq, iq = layer.weight_quantizer, layer.input_quantizer
+    if isinstance(layer, QuantEmbedding):
+        if int_exportable(layer):
+            return PackedIntEmbedding(layer)
+        raise ValueError(f"export: embedding {name!r} has {type(wq).__name__} weights; lowbit exports k-bit (LSQ) "
+                         f"embeddings; quantize without embeddings=True to keep it float")
     binary_in = isinstance(iq, BinaryActivation)
-    if iq is not None and not binary_in:
-        raise ValueError(f"export: layer {name!r} has a {type(iq).__name__} input quantizer; lowbit exports binary "
-                         f"(bnn, xnor, fda, dirnet, sbnn) and binary/ternary-weight (bwn, ternary*) recipes")
+    if isinstance(layer, QuantConv1d) and (binary_in or isinstance(wq, (BinaryWeight, TernaryWeight, SparseBinaryWeight))):
+        raise ValueError(f"export: layer {name!r} (QuantConv1d) with {type(wq).__name__} weights has no packed form; "
+                         f"lowbit packs k-bit (int8/int4, ptq) Conv1d layers")
     if isinstance(wq, SparseBinaryWeight) and binary_in:
         return PackedSparseBinaryLayer(layer)
     if type(wq) is BinaryWeight and binary_in:
         return PackedBinaryLayer(layer)
     if iq is None and isinstance(wq, (BinaryWeight, TernaryWeight)):
         return PackedWeightLayer(layer)
-    raise ValueError(f"export: layer {name!r} ({type(wq).__name__} weights, "
-                     f"{type(iq).__name__ if iq else 'float'} inputs) has no packed form")
+    if int_exportable(layer):
+        return PackedIntLayer(layer)
+    raise ValueError(f"export: layer {name!r} ({type(wq).__name__ if wq is not None else 'float'} weights, "
+                     f"{type(iq).__name__ if iq else 'float'} inputs) has no packed form; lowbit exports binary "
+                     f"(bnn, xnor, fda, dirnet, sbnn), binary/ternary-weight (bwn, ternary*) and k-bit "
+                     f"(int8, int4, ptq with inputs of at most 8 bits) layers")
 
 
 def export(qmodel: nn.Module, fold_batchnorm: bool = True, channels_last: bool = True) -> nn.Module:
@@ -337,10 +357,12 @@ def export(qmodel: nn.Module, fold_batchnorm: bool = True, channels_last: bool =
 
     model = copy.deepcopy(qmodel).eval()
     pairs = foldable_conv_bn_pairs(model, "export") if fold_batchnorm else []  # traced before packing
+    packed = []
     for name, layer in [(n, m) for n, m in model.named_modules() if isinstance(m, QUANT_LAYERS)]:
         if layer.grad_quantizer is not None:
             layer.grad_quantizer = None
         set_submodule(model, name, _packed_for(name, layer))
+        packed.append(name)
     for conv_name, bn_name in pairs:
         conv, bn = model.get_submodule(conv_name), model.get_submodule(bn_name)
         if isinstance(conv, PackedBinaryLayer):
@@ -354,6 +376,9 @@ def export(qmodel: nn.Module, fold_batchnorm: bool = True, channels_last: bool =
         for m in model.modules():
             if type(m) is nn.Conv2d:
                 m.to(memory_format=torch.channels_last)
+    float_left = [n for n, m in model.named_modules() if n and (isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear, nn.Embedding))
+                                                                or is_hf_conv1d(m))]
+    model.lowbit_export = {"packed": packed, "float": float_left}
     return model.requires_grad_(False)
 
 
@@ -368,4 +393,5 @@ def storage_bytes(module: nn.Module) -> int:
     return total
 
 
-__all__ = ["export", "storage_bytes", "PackedBinaryLayer", "PackedSparseBinaryLayer", "PackedWeightLayer"]
+__all__ = ["export", "storage_bytes", "PackedBinaryLayer", "PackedSparseBinaryLayer", "PackedWeightLayer", "PackedIntLayer",
+           "PackedIntEmbedding"]

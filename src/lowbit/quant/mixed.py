@@ -21,8 +21,10 @@ ALLOCATION_WIDTHS = (1, 2, 3, 4, 8)  # the widths a mixed plan chooses from by d
 
 
 def weight_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """(name, module) for every nn.Conv2d / nn.Linear, in module order."""
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    """(name, module) for every nn.Conv2d / nn.Conv1d / nn.Linear / transformers Conv1D, in module order."""
+    from lowbit.quant.layers import is_hf_conv1d
+
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Conv1d, nn.Linear)) or is_hf_conv1d(m)]
 
 
 def weight_counts(model: nn.Module, inner_only: bool = False) -> dict[str, int]:

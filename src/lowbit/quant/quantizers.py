@@ -118,17 +118,24 @@ class BinaryWeight(SignQuantizer):
             raise ValueError(f"unknown binary weight scale {scale!r}: choose 'none', 'mean' or 'pow2'")
         self.scale, self.standardize = scale, standardize
 
-    def forward(self, w: torch.Tensor) -> torch.Tensor:
+    def factors(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(signs b [shape of w], per-channel scale alpha [C_out, 1, ...] or None): w_q = b * alpha.
+        Layers multiply by b and scale the output by alpha, so a binary product is an exact
+        integer in float, as in the packed XOR-popcount kernels (bit-identical outputs)."""
         dims = _channel_dims(w)
         if self.standardize:
             w = (w - w.mean(dims, keepdim=True)) / (w.std(dims, keepdim=True) + 1e-8)
         b = self.binarize(w)
         if self.scale == "none":
-            return b
+            return b, None
         alpha = w.abs().mean(dims, keepdim=True)
         if self.scale == "pow2":
             alpha = torch.exp2(torch.round(torch.log2(alpha.detach().clamp_min(1e-12))))
-        return b * alpha
+        return b, alpha
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        b, alpha = self.factors(w)
+        return b if alpha is None else b * alpha
 
     def num_scales(self, w: torch.Tensor) -> int:
         return 0 if self.scale == "none" else w.shape[0]
@@ -153,6 +160,8 @@ class NoiseAdaptation(nn.Module):
         nn.init.zeros_(self.net[2].weight)  # starts as the plain Fourier estimator
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 3 and isinstance(self.net[0], nn.Conv2d):  # a Conv1d's input [N, C, L]
+            return self.net(x.unsqueeze(-2)).squeeze(-2)
         return self.net(x)
 
 
@@ -160,6 +169,8 @@ class BinaryActivation(SignQuantizer):
     """Binary inputs sign(x). ``xnor_scale``: XNOR-Net's input scaling — the layer output is
     multiplied by K, the box-filtered mean over channels of |x| (one beta per output position).
     ``noise_channels``: add FDA's noise adaptation module for inputs with that many channels."""
+
+    binary_input = True  # the layer's input is exactly +-1 (noise adaptation is training-only)
 
     def __init__(self, xnor_scale: bool = False, noise_channels: int | None = None, noise_conv: bool = True, **kw):
         super().__init__(**kw)
@@ -179,6 +190,8 @@ class BinaryActivation(SignQuantizer):
         a = x.abs().mean(1, keepdim=True)
         if isinstance(layer, nn.Conv2d):
             return F.avg_pool2d(a, layer.kernel_size, layer.stride, layer.padding, count_include_pad=True)
+        if isinstance(layer, nn.Conv1d):
+            return F.avg_pool1d(a, layer.kernel_size, layer.stride, layer.padding, count_include_pad=True)
         return x.abs().mean(-1, keepdim=True)
 
     def extra_repr(self) -> str:

@@ -12,7 +12,8 @@ from typing import Callable
 
 from torch import nn
 
-from lowbit.quant.layers import quant_layer_from_float, set_submodule
+from lowbit.quant.attention import SplitMultiheadAttention
+from lowbit.quant.layers import in_features_of, is_hf_conv1d, out_features_of, quant_layer_from_float, set_submodule
 from lowbit.quant.quantizers import (
     LSQ,
     BinaryActivation,
@@ -24,9 +25,12 @@ from lowbit.quant.quantizers import (
 )
 
 # weight layers a recipe cannot rewrite: their weights are used functionally or have another layout
-_UNSUPPORTED = (nn.Conv1d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
-                nn.MultiheadAttention, nn.Bilinear, nn.RNNBase)
-_COMMON = {"keep_first_last": True, "skip": ()}
+_UNSUPPORTED = (nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Bilinear, nn.RNNBase)
+# the float layers a recipe replaces (exact types: a subclass may have its own forward);
+# transformers' Conv1D is recognised by ``is_hf_conv1d``
+_TARGETS = (nn.Conv2d, nn.Conv1d, nn.Linear, nn.modules.linear.NonDynamicallyQuantizableLinear)
+# embeddings: also quantize nn.Embedding weights (one scale per row; lookups need no input quantizer)
+_COMMON = {"keep_first_last": True, "skip": (), "embeddings": False}
 
 
 @dataclass(frozen=True)
@@ -60,7 +64,7 @@ def register_recipe(name: str, description: str, defaults: dict | None = None, *
 
 
 def _channels(layer: nn.Module) -> tuple[int, bool]:
-    return (layer.in_channels, True) if isinstance(layer, nn.Conv2d) else (layer.in_features, False)
+    return in_features_of(layer), isinstance(layer, (nn.Conv1d, nn.Conv2d))
 
 
 @register_recipe("bnn", "QNN/BNN: weights and inputs sign(), clipped straight-through estimator", binary_inputs=True, weight_bits=1)
@@ -82,7 +86,7 @@ def _bwn(layer, o):
 @register_recipe("xnor", "XNOR-Net: alpha_c * sign(w), sign inputs scaled by K (mean |x| over channels, box-filtered)",
                  binary_inputs=True, weight_bits=1)
 def _xnor(layer, o):
-    if isinstance(layer, nn.Conv2d) and layer.dilation != (1, 1):
+    if isinstance(layer, (nn.Conv1d, nn.Conv2d)) and any(d != 1 for d in layer.dilation):
         raise ValueError("xnor: XNOR-Net's input scaling K is defined for dilation 1 only")
     return dict(weight_quantizer=BinaryWeight(scale="mean", estimator="ste"),
                 input_quantizer=BinaryActivation(estimator="clipped", xnor_scale=True))
@@ -131,8 +135,7 @@ def _ptq(layer, o):
 
 def _lsq(bits):
     def build(layer, o):
-        out = layer.out_channels if isinstance(layer, nn.Conv2d) else layer.out_features
-        return dict(weight_quantizer=LSQ(o["bits"], signed=True, per_channel=True, channels=out),
+        return dict(weight_quantizer=LSQ(o["bits"], signed=True, per_channel=True, channels=out_features_of(layer)),
                     input_quantizer=LSQ(o["bits"], signed=None))
 
     return build
@@ -170,38 +173,66 @@ def _under(name: str, prefixes) -> bool:
     return any(name == p or name.startswith(p + ".") for p in prefixes)
 
 
+def _is_target(m: nn.Module) -> bool:
+    return type(m) in _TARGETS or is_hf_conv1d(m)
+
+
+def _fix(rec: Recipe, names: list[str]) -> str:
+    return f"keep {'it' if len(names) == 1 else 'them'} float with quantize(model, {rec.name!r}, skip={names!r})"
+
+
 def quantize(model: nn.Module, recipe: str | Recipe, **overrides) -> nn.Module:
     """A quantized copy of ``model`` (``model`` itself is not modified).
 
-    Every nn.Conv2d and nn.Linear becomes a QuantConv2d / QuantLinear with the recipe's
-    quantizers, except the first and the last (``keep_first_last=True``, as the papers do) and
-    the modules named in ``skip``. Recipes that binarise inputs replace nn.ReLU by
-    nn.Hardtanh(-1, 1). ``overrides`` set recipe options (``bits=4``, ``sparsity=0.9``, ...).
-    Raises ValueError naming any layer the recipe cannot handle (e.g. nn.MultiheadAttention,
-    whose projections are used functionally); pass ``skip=[name]`` to keep it float."""
+    Every nn.Conv2d, nn.Conv1d, nn.Linear and ``transformers`` Conv1D (GPT-2) becomes a
+    QuantConv2d / QuantConv1d / QuantLinear with the recipe's quantizers, except the first and the
+    last (``keep_first_last=True``, as the papers do) and the modules named in ``skip`` (a name
+    skips everything under it). nn.MultiheadAttention is first rewritten with separate q/k/v
+    projections (``SplitMultiheadAttention``), which are then quantized like any linear.
+    ``embeddings=True`` also quantizes nn.Embedding weights (one scale per row; tied weights stay
+    tied). Recipes that binarise inputs replace nn.ReLU by nn.Hardtanh(-1, 1). ``overrides`` set
+    recipe options (``bits=4``, ``sparsity=0.9``, ...). Raises ValueError naming any layer the
+    recipe cannot handle, its type and the ``skip=`` that keeps it float."""
     rec = get_recipe(recipe)
     opts = rec.options(overrides)
     skip = tuple(opts["skip"])
     qmodel = copy.deepcopy(model)
     bad = [(n, type(m).__name__) for n, m in qmodel.named_modules() if isinstance(m, _UNSUPPORTED) and not _under(n, skip)]
     if bad:
-        names = ", ".join(f"{n} ({t})" for n, t in bad)
-        raise ValueError(f"quantize(recipe={rec.name!r}): cannot quantize {names}; lowbit quantizes nn.Conv2d and nn.Linear. "
-                         f"Keep them float with skip=[...]")
-    targets = [n for n, m in qmodel.named_modules()
-               if type(m) in (nn.Conv2d, nn.Linear) and not _under(n, skip)]
+        names = ", ".join(f"{n!r} ({t})" for n, t in bad)
+        raise ValueError(f"quantize(recipe={rec.name!r}): cannot quantize {names}: lowbit quantizes nn.Conv2d, "
+                         f"nn.Conv1d, nn.Linear, transformers Conv1D, nn.Embedding and nn.MultiheadAttention; "
+                         f"{_fix(rec, [n for n, _ in bad])}")
+    for name, m in list(qmodel.named_modules()):
+        if isinstance(m, nn.MultiheadAttention) and not _under(name, skip):
+            try:
+                set_submodule(qmodel, name, SplitMultiheadAttention.from_mha(m))
+            except ValueError as e:
+                raise ValueError(f"quantize(recipe={rec.name!r}): layer {name!r} ({type(m).__name__}): {e}; "
+                                 f"{_fix(rec, [name])}") from None
+    targets = [n for n, m in qmodel.named_modules() if _is_target(m) and not _under(n, skip)]
     if opts["keep_first_last"] and len(targets) >= 1:
         targets = targets[1:-1]
+    if opts["embeddings"]:
+        targets += [n for n, m in qmodel.named_modules() if type(m) is nn.Embedding and not _under(n, skip)]
     if not targets:
         raise ValueError(f"quantize(recipe={rec.name!r}): the model has no nn.Conv2d/nn.Linear layer left to quantize "
-                         f"(keep_first_last={opts['keep_first_last']}, skip={list(skip)})")
+                         f"(nor nn.Conv1d / Conv1D; keep_first_last={opts['keep_first_last']}, skip={list(skip)})")
     for name in targets:
         layer = qmodel.get_submodule(name)
         try:
             kwargs = rec.build(layer, opts)
-        except ValueError as e:
-            raise ValueError(f"quantize(recipe={rec.name!r}): layer {name!r}: {e}") from None
-        set_submodule(qmodel, name, quant_layer_from_float(layer, **kwargs))
+            if isinstance(layer, nn.Embedding):  # a lookup: only its weights are quantized
+                kwargs = {"weight_quantizer": kwargs.get("weight_quantizer")}
+            q = quant_layer_from_float(layer, **kwargs)
+            if not is_hf_conv1d(layer):  # the copy's own Parameters: weights tied elsewhere stay tied
+                q.weight = layer.weight
+                if not isinstance(layer, nn.Embedding):
+                    q.bias = layer.bias
+            set_submodule(qmodel, name, q)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"quantize(recipe={rec.name!r}): layer {name!r} ({type(layer).__name__}): {e}; "
+                             f"{_fix(rec, [name])}") from None
     if rec.binary_inputs:
         for name, m in list(qmodel.named_modules()):
             if type(m) in (nn.ReLU, nn.ReLU6) and name:

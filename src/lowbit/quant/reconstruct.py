@@ -9,13 +9,17 @@ target is what accounts for the error propagated from earlier units.
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
 
+from lowbit.blocks import block_of, repeated_blocks
 from lowbit.quant.quantizers import BorderQuantizer, Quantizer
 
 _ZETA, _GAMMA = 1.1, -0.1  # AdaRound's stretch of the sigmoid, so h reaches exactly 0 and 1
-BORDER_LR_RATIO = 0.1  # the border moves rounding decisions of every input: a gentler step than the weights'
+BORDER_LR_RATIO = 0.1
+DEFAULT_ITERS = 100  # optimisation steps per unit (and again for AQuant's borders): a 12-block BERT in minutes on 2 cores
 
 
 def _h(v: torch.Tensor) -> torch.Tensor:
@@ -72,24 +76,16 @@ class AdaRoundWeight(Quantizer):
 def find_units(model: nn.Module, layer_names: list[str], granularity: str = "block") -> list[tuple[str, list[str]]]:
     """Group the layers to quantize into reconstruction units, in model order.
 
-    granularity "layer": every layer alone. "block": the outermost module on the layer's path that
-    is an entry of an nn.Sequential (and not itself a Sequential), e.g. a ResNet BasicBlock in
-    ``layers`` or a transformer Block in ``blocks``; a layer with no such ancestor is its own unit.
-    Returns [(unit module name, [layer names in it])]."""
+    granularity "layer": every layer alone. "block": the repeated block the layer lies in
+    (``lowbit.blocks.repeated_blocks``: a ResNet's residual blocks, GPT-2's ``h.*``, BERT's
+    ``encoder.layer.*``, Llama's ``layers.*``, wherever they are nested); a layer in no block is
+    its own unit. Returns [(unit module name, [layer names in it])]."""
     if granularity not in ("block", "layer"):
         raise ValueError(f"unknown reconstruction granularity {granularity!r}: choose 'block' or 'layer'")
+    blocks = [b for b, _ in repeated_blocks(model)] if granularity == "block" else []
     units: dict[str, list[str]] = {}
     for name in layer_names:
-        unit = name
-        if granularity == "block":
-            parts = name.split(".")
-            for i in range(1, len(parts) + 1):
-                prefix = ".".join(parts[:i])
-                parent = model.get_submodule(".".join(parts[: i - 1]))
-                if isinstance(parent, nn.Sequential) and not isinstance(model.get_submodule(prefix), nn.Sequential):
-                    unit = prefix
-                    break
-        units.setdefault(unit, []).append(name)
+        units.setdefault(block_of(name, blocks) or name, []).append(name)
     return list(units.items())
 
 
@@ -97,17 +93,88 @@ class _Captured(Exception):
     pass
 
 
-@torch.no_grad()
-def unit_inputs(model: nn.Module, unit: str, inputs: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    """The first positional input of submodule ``unit`` when ``model`` runs on ``inputs`` (batched;
-    the forward stops at the unit, so later parts cost nothing)."""
-    got: list[torch.Tensor] = []
+def _is_cache(v) -> bool:
+    """A transformers KV cache object: not passed again when a block is re-run on its own."""
+    return type(v).__name__.endswith("Cache")
 
-    def hook(mod, args):
-        got.append(args[0].detach())
+
+def _merge(values: list, sizes: list[int]):
+    """One argument's values over the calibration batches: per-sample tensors (first dim = the
+    batch's rows) concatenated, anything else (masks broadcast over the batch, flags) shared."""
+    first = values[0]
+    if torch.is_tensor(first):
+        if all(torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == n for v, n in zip(values, sizes)):
+            return _PerSample(torch.cat(values))
+        return first
+    if isinstance(first, tuple) and all(isinstance(v, tuple) and len(v) == len(first) for v in values):
+        return tuple(_merge([v[i] for v in values], sizes) for i in range(len(first)))
+    return None if _is_cache(first) else first
+
+
+class _PerSample:
+    def __init__(self, t: torch.Tensor):
+        self.t = t
+
+
+def _select(v, idx: torch.Tensor):
+    if isinstance(v, _PerSample):
+        return v.t[idx]
+    if isinstance(v, tuple):
+        return tuple(_select(x, idx) for x in v)
+    return v
+
+
+class UnitInputs:
+    """Everything a unit was called with on the calibration set (positional and keyword
+    arguments: GPT-2's causal mask, Llama's rotary embeddings, ...), per-sample tensors stacked,
+    so the unit can be re-run alone on any subset of rows (``call(unit, idx)``). KV caches are
+    dropped and ``use_cache`` is off: a re-run must not grow a cache."""
+
+    def __init__(self, args: list[tuple], kwargs: list[dict]):
+        sizes = [a[0].shape[0] for a in args]
+        self.rows = sum(sizes)
+        self.args = tuple(_merge([a[i] for a in args], sizes) for i in range(len(args[0])))
+        self.kwargs = {k: _merge([kw[k] for kw in kwargs], sizes) for k in kwargs[0]}
+        if "use_cache" in self.kwargs:
+            self.kwargs["use_cache"] = False
+
+    def __len__(self) -> int:
+        return self.rows
+
+    @property
+    def x(self) -> torch.Tensor:
+        """The first positional input [rows, ...] (the hidden states / feature map)."""
+        return self.args[0].t
+
+    def call(self, unit: nn.Module, idx: torch.Tensor) -> torch.Tensor:
+        """unit's output on rows ``idx`` (the first element when the unit returns a tuple)."""
+        out = unit(*(_select(a, idx) for a in self.args), **{k: _select(v, idx) for k, v in self.kwargs.items()})
+        return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _no_cache(model: nn.Module):
+    """Turn a transformers model's ``config.use_cache`` off while calibrating (restored after)."""
+    cfg = getattr(model, "config", None)
+    old = getattr(cfg, "use_cache", None)
+    if old is not None:
+        cfg.use_cache = False
+    return lambda: setattr(cfg, "use_cache", old) if old is not None else None
+
+
+@torch.no_grad()
+def capture_unit_inputs(model: nn.Module, unit: str, inputs: torch.Tensor, batch_size: int = 256) -> UnitInputs:
+    """The arguments submodule ``unit`` receives when ``model`` runs on ``inputs`` (batched; the
+    forward stops at the unit, so later parts cost nothing)."""
+    args: list[tuple] = []
+    kwargs: list[dict] = []
+
+    def hook(mod, a, kw):
+        args.append(tuple(x.detach() if torch.is_tensor(x) else x for x in a))
+        kwargs.append(dict(kw))
         raise _Captured
 
-    handle = model.get_submodule(unit).register_forward_pre_hook(hook)
+    handle = model.get_submodule(unit).register_forward_pre_hook(hook, with_kwargs=True)
+    restore = _no_cache(model)
     try:
         for i in range(0, len(inputs), batch_size):
             try:
@@ -116,16 +183,109 @@ def unit_inputs(model: nn.Module, unit: str, inputs: torch.Tensor, batch_size: i
                 pass
     finally:
         handle.remove()
-    if len(got) * batch_size < len(inputs):
-        raise RuntimeError(f"{unit!r} did not run on every calibration batch: it cannot be reconstructed on its own")
-    return torch.cat(got)
+        restore()
+    if len(args) * batch_size < len(inputs) or not args or not torch.is_tensor(args[0][0] if args[0] else None):
+        raise RuntimeError(f"{unit!r} did not run on every calibration batch with a tensor input: "
+                           f"it cannot be reconstructed on its own")
+    return UnitInputs(args, kwargs)
 
 
-def reconstruct(unit_q: nn.Module, unit_fp: nn.Module, x_fp: torch.Tensor, x_q: torch.Tensor, iters: int = 500,
-                lr: float = 1e-2, reg: float = 0.01, batch: int = 64, seed: int = 0) -> float:
+@torch.no_grad()
+def capture_all_unit_inputs(model: nn.Module, units: list[str], inputs: torch.Tensor,
+                            batch_size: int = 256) -> dict[str, tuple[UnitInputs, bool]]:
+    """``capture_unit_inputs`` for every unit in one pass over the calibration set, with, per
+    unit, whether its first input is the previous unit's output itself (the blocks of a stack
+    feed each other directly), so the quantized model's inputs can be carried forward block to
+    block instead of re-running the model's prefix for every unit."""
+    got: dict[str, tuple[list, list]] = {u: ([], []) for u in units}
+    chained = {u: i > 0 for i, u in enumerate(units)}
+    last: dict[str, object] = {}
+
+    def pre(u: str, i: int):
+        def hook(mod, a, kw):
+            got[u][0].append(tuple(x.detach() if torch.is_tensor(x) else x for x in a))
+            got[u][1].append(dict(kw))
+            if i > 0 and not (a and a[0] is last.get(units[i - 1])):
+                chained[u] = False
+        return hook
+
+    def post(u: str):
+        def hook(mod, a, kw, out):
+            last[u] = out[0] if isinstance(out, (tuple, list)) else out
+        return hook
+
+    handles = []
+    for i, u in enumerate(units):
+        m = model.get_submodule(u)
+        handles += [m.register_forward_pre_hook(pre(u, i), with_kwargs=True),
+                    m.register_forward_hook(post(u), with_kwargs=True)]
+    restore = _no_cache(model)
+    try:
+        for i in range(0, len(inputs), batch_size):
+            model(inputs[i : i + batch_size])
+            last.clear()
+    finally:
+        for h in handles:
+            h.remove()
+        restore()
+    out = {}
+    for u in units:
+        a, kw = got[u]
+        if len(a) * batch_size < len(inputs) or not a or not a[0] or not torch.is_tensor(a[0][0]):
+            raise RuntimeError(f"{u!r} did not run on every calibration batch with a tensor input: "
+                               f"it cannot be reconstructed on its own")
+        out[u] = (UnitInputs(a, kw), chained[u])
+    return out
+
+
+def _with_first(x: UnitInputs, first: torch.Tensor) -> UnitInputs:
+    """A copy of ``x`` whose first positional input is ``first`` [rows, ...]."""
+    y = object.__new__(UnitInputs)
+    y.rows, y.kwargs = x.rows, x.kwargs
+    y.args = (_PerSample(first),) + x.args[1:]
+    return y
+
+
+@torch.no_grad()
+def carry_forward(unit: nn.Module, x: UnitInputs, next_inputs: UnitInputs, chunk: int = 64) -> UnitInputs:
+    """The next unit's inputs when it reads ``unit``'s output directly: ``next_inputs`` (its other
+    arguments) with the first input replaced by unit(x), computed in chunks of rows."""
+    out = torch.cat([x.call(unit, torch.arange(i, min(i + chunk, len(x)))) for i in range(0, len(x), chunk)])
+    return _with_first(next_inputs, out)
+
+
+def unit_inputs(model: nn.Module, unit: str, inputs: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """The first positional input of submodule ``unit`` when ``model`` runs on ``inputs``."""
+    return capture_unit_inputs(model, unit, inputs, batch_size).x
+
+
+def _as_inputs(x) -> UnitInputs:
+    if isinstance(x, UnitInputs):
+        return x
+    if not torch.is_tensor(x):
+        raise TypeError(f"unit inputs must be a tensor or UnitInputs, got {type(x).__name__}")
+    return UnitInputs([(x,)], [{}])
+
+
+def default_rows(x: UnitInputs, positions: int = 1024, most: int = 64, least: int = 8) -> int:
+    """Calibration rows per reconstruction step: about ``positions`` output positions (tokens of
+    a [rows, seq, hidden] input, pixels of a [rows, C, H, W] one) per step, between ``least`` and
+    ``most`` rows, so a step on a 128-token transformer block costs about what one on a small
+    image block does."""
+    t = x.x
+    per_row = t.shape[2] * t.shape[3] if t.dim() == 4 else (t.shape[1] if t.dim() == 3 else 1)
+    return int(min(most, max(least, positions // max(per_row, 1))))
+
+
+def reconstruct(unit_q: nn.Module, unit_fp: nn.Module, x_fp: torch.Tensor | UnitInputs, x_q: torch.Tensor | UnitInputs,
+                iters: int = DEFAULT_ITERS, lr: float = 1e-2, reg: float = 0.01, batch: int | None = None, seed: int = 0,
+                on_step: Callable[[], None] | None = None) -> float:
     """Learn the rounding of every ``AdaRoundWeight`` and the border of every ``BorderQuantizer``
     inside ``unit_q`` so that unit_q(x_q) matches unit_fp(x_fp) (squared error summed per sample,
-    averaged over a batch of ``batch`` calibration rows).
+    averaged over a batch of ``batch`` calibration rows; None: ``default_rows``, about 1024
+    positions per step). x_fp / x_q: the unit's first input [rows, ...] or everything it was
+    called with (``capture_unit_inputs``: masks, rotary embeddings). The float targets are
+    computed once. ``on_step`` is called after every optimisation step (progress bars).
 
     1. Weights: ``iters`` steps of the error plus reg * the rounding regulariser, beta annealed
        from 20 to 2 after a 20% warm-up, which drives every h to 0 or 1; the activations are
@@ -139,6 +299,7 @@ def reconstruct(unit_q: nn.Module, unit_fp: nn.Module, x_fp: torch.Tensor, x_q: 
        error on the calibration rows against plain rounding, so the result is never worse there
        than stage 1 alone.
     Returns the final reconstruction error (hard rounding, a batch of calibration rows)."""
+    x_fp, x_q = _as_inputs(x_fp), _as_inputs(x_q)
     if len(x_fp) != len(x_q) or len(x_fp) == 0:
         raise ValueError(f"x_fp and x_q must hold the same, non-zero number of rows, got {len(x_fp)} and {len(x_q)}")
     layers = [m for m in unit_q.modules() if isinstance(getattr(m, "weight_quantizer", None), AdaRoundWeight)]
@@ -146,12 +307,14 @@ def reconstruct(unit_q: nn.Module, unit_fp: nn.Module, x_fp: torch.Tensor, x_q: 
     unit_fp.eval()
     unit_q.eval()
     gen = torch.Generator().manual_seed(seed)
-    rows = min(batch, len(x_fp))
+    rows = min(batch or default_rows(x_q), len(x_fp))
+    with torch.no_grad():
+        chunk = 64
+        target_all = torch.cat([x_fp.call(unit_fp, torch.arange(i, min(i + chunk, len(x_fp))))
+                                for i in range(0, len(x_fp), chunk)])
 
     def error(idx: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            target = unit_fp(x_fp[idx])
-        return (unit_q(x_q[idx]) - target).pow(2).flatten(1).sum(1).mean()
+        return (x_q.call(unit_q, idx) - target_all[idx]).pow(2).flatten(1).sum(1).mean()
 
     if layers:
         warm = int(0.2 * iters)
@@ -167,18 +330,21 @@ def reconstruct(unit_q: nn.Module, unit_fp: nn.Module, x_fp: torch.Tensor, x_q: 
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
+                if on_step is not None:
+                    on_step()
         with torch.no_grad():
             for m in layers:
                 m.weight_quantizer.soft = False
                 m.weight.copy_(m.weight_quantizer())
                 m.weight_quantizer = None
     if borders:
-        _learn_borders(borders, error, len(x_fp), iters, lr * BORDER_LR_RATIO, rows, gen)
+        _learn_borders(borders, error, len(x_fp), iters, lr * BORDER_LR_RATIO, rows, gen, on_step)
     with torch.no_grad():
         return float(error(torch.randint(0, len(x_fp), (rows,), generator=gen)))
 
 
-def _learn_borders(borders: list, error, n: int, iters: int, lr: float, rows: int, gen: torch.Generator) -> None:
+def _learn_borders(borders: list, error, n: int, iters: int, lr: float, rows: int, gen: torch.Generator,
+                   on_step: Callable[[], None] | None = None) -> None:
     params = [p for b in borders for p in (b.a, b.b)]
     with torch.enable_grad():
         for p in params:
@@ -191,12 +357,14 @@ def _learn_borders(borders: list, error, n: int, iters: int, lr: float, rows: in
             opt.zero_grad()
             loss.backward()
             opt.step()
+            if on_step is not None:
+                on_step()
     with torch.no_grad():
         for b in borders:
             b.soft = False
         for p in params:
             p.requires_grad_(False)
-        check = torch.arange(min(n, 512))
+        check = torch.arange(min(n, 8 * rows))
         learned = float(error(check))
         kept = [(p, p.clone()) for p in params]
         for p in params:

@@ -85,6 +85,10 @@ def summary(model: nn.Module) -> str:
     recipe = getattr(model, "lowbit_recipe", None)
     if recipe:
         lines.append(f"recipe: {recipe['name']}")
+    exported = getattr(model, "lowbit_export", None)
+    if exported:
+        lines.append(f"exported: {len(exported['packed'])} packed layers; "
+                     + (f"kept float: {', '.join(exported['float'])}" if exported["float"] else "no float weight layer left"))
     qrows = [[n, type(m).__name__, _describe(m.weight_quantizer), _describe(m.input_quantizer),
               m.grad_quantizer.bits if m.grad_quantizer is not None else "-"]
              for n, m in model.named_modules() if isinstance(m, QUANT_LAYERS)]

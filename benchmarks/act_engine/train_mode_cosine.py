@@ -1,0 +1,81 @@
+"""Train-mode gradient cosine to the exact gradient on the ResNet-18 config (hf_model("resnet18",
+"small"): 96x96 inputs, batch 16) with Fashion-MNIST images (upsampled, one channel) or random
+images (--random), BatchNorm on batch statistics. Also times GACT/COMET's sensitivity probe
+against a plain training step.
+
+usage: python benchmarks/act_engine/train_mode_cosine.py [--random] [--methods uniform-2 uniform-4 gact-2 comet]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from lowbit.act import ActivationCompressor
+from lowbit.models.hf import hf_batch, hf_loss, hf_model
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--random", action="store_true")
+    p.add_argument("--methods", nargs="+", default=["uniform-2", "uniform-4", "gact-2", "comet"])
+    p.add_argument("--draws", type=int, default=2)
+    a = p.parse_args()
+    torch.manual_seed(0)
+    if a.random:
+        model = hf_model("resnet18", "small")
+        batch = hf_batch("resnet18", model, 16, size="small", generator=torch.Generator().manual_seed(0))
+    else:
+        from lowbit.data import load_images
+
+        model = hf_model("resnet18", "small", num_channels=1)
+        x, y = load_images("fashion-mnist", "train", 16)
+        batch = {"pixel_values": F.interpolate(x.float().reshape(16, 1, 28, 28), size=96, mode="bilinear"), "labels": y}
+    model.train()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def grad(act=None) -> torch.Tensor:
+        model.load_state_dict(state)
+        model.zero_grad()
+        if act is None:
+            loss = hf_loss(model, batch)
+        else:
+            with act:
+                loss = hf_loss(model, batch)
+        loss.backward()
+        return torch.cat([q.grad.reshape(-1) for q in model.parameters() if q.grad is not None]).double()
+
+    grad()
+    t = time.perf_counter()
+    exact = grad()
+    step_s = time.perf_counter() - t
+    rows = []
+    for spec in a.methods:
+        name, _, bits = spec.partition("-")
+        act = ActivationCompressor(name, bits=(int(bits) if name == "uniform" else float(bits)) if bits else None, model=model)
+        probe_s = None
+        if act.policy.adaptive:
+            t = time.perf_counter()
+            act.estimate(lambda: hf_loss(model, batch))
+            probe_s = time.perf_counter() - t
+            model.load_state_dict(state)
+        cos = [float(F.cosine_similarity(grad(act), exact, dim=0)) for _ in range(a.draws)]
+        rows.append({"method": spec, "cosine_mean": sum(cos) / len(cos), "cosines": cos, "ratio": act.report().ratio,
+                     "probe_s": probe_s, "probe_in_steps": probe_s / step_s if probe_s else None})
+        print(rows[-1], flush=True)
+    print(f"plain step {step_s:.2f} s; data: {'random' if a.random else 'fashion-mnist'}")
+    print(f"{'method':<10} {'train cos':>9} {'ratio':>6} {'probe (steps)':>13}")
+    for r in rows:
+        ps = f"{r['probe_in_steps']:.1f}" if r["probe_in_steps"] else "-"
+        print(f"{r['method']:<10} {r['cosine_mean']:>9.3f} {r['ratio']:>6.1f} {ps:>13}")
+    out = Path("benchmarks/results/act_engine")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"train_mode_cosine_{'random' if a.random else 'fmnist'}.json").write_text(json.dumps({"step_s": step_s, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
