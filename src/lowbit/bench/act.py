@@ -77,6 +77,17 @@ def gradient_quality(model_name: str, method: str, bits, batch, loss_fn, draws: 
     return {"grad_cosine": statistics.mean(cos), "grad_rel_sq_error": statistics.mean(rel)}
 
 
+def _timed_step(act, loss_closure, opt) -> float:
+    """Seconds of one training step (forward under ``act`` when given, backward, update)."""
+    t0 = time.perf_counter()
+    with act if act is not None else contextlib.nullcontext():
+        loss = loss_closure()
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return time.perf_counter() - t0
+
+
 def paired_step_ratio(model_name: str, method: str, bits, batch, loss_fn, seed: int = 0, pairs: int = 20,
                       warmup: int = 3) -> dict:
     """Step time (forward, backward, optimizer step; seconds) of ``method`` against none and against
@@ -96,13 +107,7 @@ def paired_step_ratio(model_name: str, method: str, bits, batch, loss_fn, seed: 
         runs.append((model, act, torch.optim.AdamW(model.parameters(), lr=1e-4)))
 
     def step(model, act, opt) -> float:
-        t0 = time.perf_counter()
-        with act if act is not None else contextlib.nullcontext():
-            loss = loss_fn(model(x), y)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return time.perf_counter() - t0
+        return _timed_step(act, lambda: loss_fn(model(x), y), opt)
 
     for _ in range(warmup):
         for r in runs:
@@ -414,13 +419,7 @@ def _hf_paired_time(name: str, method: str, bits, cfg: dict, pairs: int, seed: i
         runs.append((model, act, loss_fn, torch.optim.AdamW(model.parameters(), lr=1e-4)))
 
     def step(model, act, loss_fn, opt) -> float:
-        t0 = time.perf_counter()
-        with act if act is not None else contextlib.nullcontext():
-            loss = loss_fn()
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return time.perf_counter() - t0
+        return _timed_step(act, loss_fn, opt)
 
     for _ in range(warmup):
         for r in runs:

@@ -172,21 +172,9 @@ def tree_section(tab, target: int, xs, reference, groups, budgets, seeds, with_s
     log(f"boosted trees (GradientBoostingClassifier, log-odds of {tab.class_names[target]} one-vs-rest), test accuracy "
         f"{acc:.1f}%; exact (2^{len(tab.players)} coalitions): {exact_ms:.1f} ms/instance")
     rows = [_row("exact", 0, [0.0], [1.0], [exact_ms / 1e3], statistics.mean(ex.evaluations))]
-    bar = tqdm(total=len(TREE_METHODS) * len(budgets) * len(seeds), desc="explain trees", disable=not progress, leave=False)
-    for method in TREE_METHODS:
-        for budget in budgets:
-            errs, ranks, times, evals = [], [], [], []
-            for seed in seeds:
-                name, inter = ("shear", "finite-difference") if method == "shear-fd" else (method, "hessian")
-                r = shapley(f, xs, reference, name, budget=budget, seed=seed, groups=groups, interactions=inter,
-                            return_details=True)
-                errs.append(metrics.absolute_error(r.values, exact))
-                ranks.append(metrics.ranking_accuracy(r.values, exact))
-                times.append(statistics.mean(r.seconds))
-                evals.append(statistics.mean(r.evaluations))
-                bar.update(1)
-            rows.append(_row(method, budget, errs, ranks, times, statistics.mean(evals)))
-    bar.close()
+    rows += _sweep(f, xs, reference, exact, TREE_METHODS, budgets, seeds, groups, "explain trees", progress,
+                   lambda m: ("shear", {"interactions": "finite-difference"}) if m == "shear-fd"
+                   else (m, {"interactions": "hessian"}))
     if with_shap and groups is not None and any(len(g) > 1 for g in groups):
         log("note: shap's explainers have no one-hot groups: no shap rows for the trees either")
     elif with_shap:
@@ -229,6 +217,28 @@ def tree_claims(rows: list[dict]) -> dict:
 
 
 
+def _sweep(f, xs, reference, exact, methods, budgets, seeds, groups, desc: str, progress: bool, options) -> list[dict]:
+    """One row per (method, budget): error, ranking accuracy, time and evaluations, over ``seeds``.
+    ``options(method)`` -> (estimator name, extra ``shapley`` keywords) for the row's label."""
+    rows = []
+    bar = tqdm(total=len(methods) * len(budgets) * len(seeds), desc=desc, disable=not progress, leave=False)
+    for method in methods:
+        name, extra = options(method)
+        for budget in budgets:
+            errs, ranks, times, evals = [], [], [], []
+            for seed in seeds:
+                r = shapley(f, xs, reference, name, budget=budget, seed=seed, groups=groups, return_details=True,
+                            **extra)
+                errs.append(metrics.absolute_error(r.values, exact))
+                ranks.append(metrics.ranking_accuracy(r.values, exact))
+                times.append(statistics.mean(r.seconds))
+                evals.append(statistics.mean(r.evaluations))
+                bar.update(1)
+            rows.append(_row(method, budget, errs, ranks, times, statistics.mean(evals)))
+    bar.close()
+    return rows
+
+
 def _row(method, budget, errs, ranks, times, evals) -> dict:
     return {"method": method, "budget": budget, "abs_error": statistics.mean(errs),
             "abs_error_sd": statistics.pstdev(errs), "ranking_accuracy": statistics.mean(ranks),
@@ -261,22 +271,9 @@ def run(budgets=BUDGETS, methods=METHODS, seeds=(0, 1, 2), instances: int | None
     m = len(tab.players)
     log(f"{data}: {tab.x_train.shape[0]} train rows, {m} players ({xs.shape[1]} columns), MLP test accuracy {acc:.1f}%; "
         f"explaining P(class {tab.class_names[target]}) for {xs.shape[0]} instances; exact: {exact_ms:.1f} ms/instance")
-    rows = []
-    bar = tqdm(total=len(methods) * len(budgets) * len(seeds), desc="explain", disable=not progress, leave=False)
-    for method in methods:
-        for budget in budgets:
-            errs, ranks, times, evals = [], [], [], []
-            for seed in seeds:
-                name, outside = ("shear", "uniform") if method == "shear-uniform" else (method, "shapley")
-                r = shapley(f, xs, reference, name, budget=budget, seed=seed, groups=groups, shear_outside=outside,
-                            return_details=True)
-                errs.append(metrics.absolute_error(r.values, exact))
-                ranks.append(metrics.ranking_accuracy(r.values, exact))
-                times.append(statistics.mean(r.seconds))
-                evals.append(statistics.mean(r.evaluations))
-                bar.update(1)
-            rows.append(_row(method, budget, errs, ranks, times, statistics.mean(evals)))
-    bar.close()
+    rows = _sweep(f, xs, reference, exact, methods, budgets, seeds, groups, "explain", progress,
+                  lambda m: ("shear", {"shear_outside": "uniform"}) if m == "shear-uniform"
+                  else (m, {"shear_outside": "shapley"}))
     if with_shap and groups is not None and any(len(g) > 1 for g in groups):
         log("note: shap's explainers have no one-hot groups: no shap rows for this data set")
     elif with_shap:
