@@ -62,7 +62,7 @@ def test_kernel_exact_against_reference(bits):
             assert torch.equal(ref, want)
 
 
-@pytest.mark.parametrize("bits", [3, 4])
+@pytest.mark.parametrize("bits", [2, 3, 4])
 def test_kernel_random_floats_within_rounding(bits):
     gen = torch.Generator().manual_seed(bits)
     for n, k, g in SHAPES:

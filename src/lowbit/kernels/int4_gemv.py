@@ -177,8 +177,76 @@ def _gemv4_nb(xe, xd, xsum, qw, s, sz, group_bytes, out):  # pragma: no cover - 
 
 
 @numba.njit(parallel=True, fastmath=True, cache=True)
+def _gemv_narrow_nb(x, xsum, qw, s, sz, bits, group_size, out):  # pragma: no cover - compiled
+    """2 or 3 bits. x [M, K8] zero-padded to a multiple of 8. A chunk (``bits`` bytes, 8 codes) is
+    read as one integer v < 2**24, exact in float32; h_r = floor(v / 2**(bits * r)) is exact too,
+    and code r = h_r - 2**bits * h_(r+1). All float arithmetic on small integers: no int64 lanes."""
+    m_rows, k8 = x.shape
+    g_count = s.shape[0]
+    chunks = k8 // 8
+    group_chunks = group_size // 8
+    lev = np.float32(1 << bits)
+    i1 = np.float32(1.0) / lev
+    i2, i3, i4, i5, i6, i7 = i1 * i1, i1 ** 3, i1 ** 4, i1 ** 5, i1 ** 6, i1 ** 7
+    w2 = np.float32(65536.0) if bits == 3 else np.float32(0.0)  # the third byte of a 3-bit chunk
+    step2 = np.uint64(2 if bits == 3 else 1)
+    one = np.uint64(1)
+    for t in prange(qw.shape[0]):
+        n0 = np.uint64(t * TILE)
+        acc = np.empty((m_rows, TILE), np.float32)
+        tot = np.zeros((m_rows, TILE), np.float32)
+        codes = np.empty((8, TILE), np.float32)
+        for g in range(g_count):
+            acc[:] = 0
+            c0 = g * group_chunks
+            for c in range(c0, min(c0 + group_chunks, chunks)):
+                r0 = np.uint64(c * bits)
+                k0 = np.uint64(c * 8)
+                if m_rows == 1:  # decode and multiply in one pass
+                    x0, x1, x2, x3 = x[0, k0], x[0, k0 + one], x[0, k0 + np.uint64(2)], x[0, k0 + np.uint64(3)]
+                    x4, x5 = x[0, k0 + np.uint64(4)], x[0, k0 + np.uint64(5)]
+                    x6, x7 = x[0, k0 + np.uint64(6)], x[0, k0 + np.uint64(7)]
+                    for i in range(TILE):
+                        u = np.uint64(i)
+                        v = (np.float32(qw[t, r0, u]) + np.float32(256.0) * np.float32(qw[t, r0 + one, u])
+                             + w2 * np.float32(qw[t, r0 + step2, u]))
+                        h1, h2, h3 = np.floor(v * i1), np.floor(v * i2), np.floor(v * i3)
+                        h4, h5, h6, h7 = np.floor(v * i4), np.floor(v * i5), np.floor(v * i6), np.floor(v * i7)
+                        acc[0, u] += (((v - lev * h1) * x0 + (h1 - lev * h2) * x1)
+                                      + ((h2 - lev * h3) * x2 + (h3 - lev * h4) * x3)) + \
+                                     (((h4 - lev * h5) * x4 + (h5 - lev * h6) * x5)
+                                      + ((h6 - lev * h7) * x6 + h7 * x7))
+                    continue
+                for i in range(TILE):  # several rows: decode the chunk once, use it M times
+                    u = np.uint64(i)
+                    v = (np.float32(qw[t, r0, u]) + np.float32(256.0) * np.float32(qw[t, r0 + one, u])
+                         + w2 * np.float32(qw[t, r0 + step2, u]))
+                    h1, h2, h3 = np.floor(v * i1), np.floor(v * i2), np.floor(v * i3)
+                    h4, h5, h6, h7 = np.floor(v * i4), np.floor(v * i5), np.floor(v * i6), np.floor(v * i7)
+                    codes[0, u], codes[1, u], codes[2, u] = v - lev * h1, h1 - lev * h2, h2 - lev * h3
+                    codes[3, u], codes[4, u], codes[5, u] = h3 - lev * h4, h4 - lev * h5, h5 - lev * h6
+                    codes[6, u], codes[7, u] = h6 - lev * h7, h7
+                for m in range(m_rows):
+                    um = np.uint64(m)
+                    for kk in range(8):
+                        xk = x[um, k0 + np.uint64(kk)]
+                        for i in range(TILE):
+                            u = np.uint64(i)
+                            acc[um, u] += codes[kk, u] * xk
+            for m in range(m_rows):
+                um = np.uint64(m)
+                xs = xsum[um, np.uint64(g)]
+                for i in range(TILE):
+                    u = np.uint64(i)
+                    tot[um, u] += s[g, n0 + u] * acc[um, u] - sz[g, n0 + u] * xs
+        for m in range(m_rows):
+            for i in range(TILE):
+                out[m, n0 + np.uint64(i)] = tot[m, i]
+
+
+@numba.njit(parallel=True, fastmath=True, cache=True)
 def _gemv_any_nb(x, xsum, qw, s, sz, bits, group_size, out):  # pragma: no cover - compiled
-    """Any width 2..8. x [M, K8] zero-padded to a multiple of 8; each 8-weight chunk of a tile is
+    """Any width 2..8 (used for 5..8 bits). x [M, K8] zero-padded to a multiple of 8; each 8-weight chunk of a tile is
     decoded once into float codes [8, TILE] and used by all M activation rows."""
     m_rows, k8 = x.shape
     g_count = s.shape[0]
@@ -262,6 +330,9 @@ def packed_linear_cpu(x: torch.Tensor, qweight: torch.Tensor, s32: torch.Tensor,
             xd = xp[:, 1::2] - _SIXTEEN * xe
             _gemv4_nb(xe.numpy(), xd.numpy(), xsum.numpy(), qweight.numpy(), s32.numpy(), sz32.numpy(),
                       group_size // 2, out.numpy())
+        elif bits <= 3:
+            _gemv_narrow_nb(xp.numpy(), xsum.numpy(), qweight.numpy(), s32.numpy(), sz32.numpy(), bits, group_size,
+                            out.numpy())
         else:
             _gemv_any_nb(xp.numpy(), xsum.numpy(), qweight.numpy(), s32.numpy(), sz32.numpy(), bits, group_size,
                          out.numpy())
