@@ -63,9 +63,10 @@ def test_trainer_callback_compresses_every_step_and_trains_like_plain(tmp_path):
 @pytest.mark.slow
 def test_trainer_callback_with_gact_checkpointing_and_accumulation(tmp_path):
     pytest.importorskip("transformers", reason="needs the hf extra")
+    from lowbit.act import GactConfig
     from lowbit.act.integrations import ActivationCompressionCallback
 
-    cb = ActivationCompressionCallback("gact", bits=4, checkpoint=2)
+    cb = ActivationCompressionCallback(GactConfig(average_bits=4), checkpoint=2)  # the config form
     _, losses = _train(tmp_path, [cb], steps=3, accumulation=2)
     assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
     assert cb.act.bit_allocation  # GACT estimated on the Trainer's batches

@@ -21,7 +21,7 @@ backward needs it. The rules, in order:
    (compiled backward graphs check them), see :mod:`lowbit.act.layout`.
 
 Policies see a :class:`~lowbit.act.context.PolicyContext`, sensitivities are measured by
-:mod:`lowbit.act.probe`, and bytes are accounted in :class:`~lowbit.act.report.MemoryReport` rows.
+:mod:`lowbit.act.probe`, and bytes are accounted by :class:`~lowbit.act.accounting.Ledger`.
 """
 from __future__ import annotations
 
@@ -33,11 +33,13 @@ from torch import nn
 from torch._subclasses.fake_tensor import is_fake
 
 from lowbit.act import probe
+from lowbit.act.accounting import Ledger
+from lowbit.act.config import ActConfig, build_policy, config_for
 from lowbit.act.context import PolicyContext
 from lowbit.act.layout import restore_layout, span_of
 from lowbit.act.probe import ProbeState
-from lowbit.act.policy import NonePolicy, Policy, make_policy
-from lowbit.act.report import MemoryReport, ReportRow
+from lowbit.act.policy import NonePolicy, Policy
+from lowbit.act.report import MemoryReport
 from lowbit.codecs import IndexCodec, MaskCodec, Packed, UniformCodec
 
 _INPLACE_ERROR = (
@@ -130,44 +132,30 @@ def _producer(t: torch.Tensor) -> str:
     return name
 
 
-class _Release:
-    """Gives an entry's bytes back to the live counters when autograd frees it (holds the
-    compressor weakly: a finished graph must not keep it alive)."""
-
-    __slots__ = ("act", "raw", "stored")
-
-    def __init__(self, act: "ActivationCompressor", raw: int, stored: int):
-        self.act, self.raw, self.stored = weakref.ref(act), raw, stored
-
-    def __call__(self) -> None:
-        act = self.act()
-        if act is not None:
-            act._live_raw -= self.raw
-            act._live_stored -= self.stored
-
-
 class ActivationCompressor:
     """Compress what autograd saves for backward inside ``with act:``.
 
     Args:
-        method: "none" (raw, accounted: the baseline), "uniform" (``bits`` for every tensor),
-            "gact" (adaptive widths averaging ``bits``), "division", "comet", "mesa", or a
+        method: a config (:class:`~lowbit.act.config.UniformConfig`, ``GactConfig``,
+            ``DivisionConfig``, ``CometConfig``, ``MesaConfig``, ``NoneConfig`` or any registered
+            one), its string shortcut ("none", "uniform", "gact", "division", "comet", "mesa";
+            then ``bits``, the engine options and ``**options`` build the config), or a
             :class:`Policy` instance (then ``bits`` and ``options`` are not used).
-        bits: width for "uniform" (1, 2, 4, 8); average-bits budget for "gact".
+        bits (shortcut only): the config field it means for the method: "uniform" ``bits`` (1, 2,
+            4, 8), "gact" ``average_bits``, "division" ``hfc_bits``; not used by "comet", 8 only
+            for "mesa".
         model: optional; its parameters and buffers are skipped by identity (without it, leaf
             tensors that require grad and their views are skipped), the report gets per-module
             rows, and GACT needs it to measure sensitivities.
-        group_size: elements per quantization group (a multiple of 8).
-        min_numel: tensors with fewer elements are kept raw (default 16384: 64 KiB of float32) while
-            they add up to at most ``small_fraction`` of the step's saved bytes; beyond that, small
-            floating tensors are compressed too, down to ``floor_numel`` elements (recurrent nets
-            save hundreds of per-timestep tensors, each small).
-        seed: seed of the private generator used for stochastic rounding.
-        **options: method options (gact: ``interval``, ``probe_bits``, ``probe_draws``, ``max_probes``, ``momentum``).
+        group_size, min_numel, small_fraction, floor_numel, seed (shortcut and Policy only; a
+            config carries them): see :class:`~lowbit.act.config.ActConfig` (defaults 256, 16384,
+            0.05, 1024, 0).
+        **options (shortcut only): the method config's other fields (gact: ``interval``,
+            ``probe_bits``, ``probe_draws``, ``max_probes``, ``momentum``, ``probe_groups``).
 
     Usage::
 
-        act = ActivationCompressor("gact", bits=2, model=model)
+        act = lowbit.act.compress(model, GactConfig(average_bits=2))  # = ActivationCompressor("gact", bits=2, model=model)
         for x, y in loader:
             with act:
                 loss = F.cross_entropy(model(x), y)
@@ -178,30 +166,45 @@ class ActivationCompressor:
 
     def __init__(
         self,
-        method: str | Policy = "gact",
+        method: str | ActConfig | Policy = "gact",
         bits: float | None = None,
         model: nn.Module | None = None,
-        group_size: int = 256,
-        min_numel: int = 16384,
-        seed: int = 0,
-        small_fraction: float = 0.05,
-        floor_numel: int = 1024,
+        group_size: int | None = None,
+        min_numel: int | None = None,
+        seed: int | None = None,
+        small_fraction: float | None = None,
+        floor_numel: int | None = None,
         **options,
     ):
-        self.policy: Policy = method if isinstance(method, Policy) else make_policy(method, bits, **options)
-        method = self.policy.name
+        engine = {k: v for k, v in dict(group_size=group_size, min_numel=min_numel, seed=seed,
+                                          small_fraction=small_fraction, floor_numel=floor_numel).items() if v is not None}
+        if isinstance(method, ActConfig):
+            extra = sorted([*engine, *options] + (["bits"] if bits is not None else []))
+            if extra:
+                raise TypeError(f"ActivationCompressor({type(method).__name__}(...)) takes its options from the config; "
+                                f"set {extra} there instead")
+            config, policy = method, build_policy(method)
+        elif isinstance(method, Policy):
+            config, policy = ActConfig(**engine), method
+        elif isinstance(method, str):
+            config = config_for(method, bits, **engine, **options)
+            policy = build_policy(config)
+        else:
+            raise TypeError(f"method must be a config (e.g. GactConfig(average_bits=2)), a method name or a Policy, "
+                            f"got {type(method).__name__}")
+        self.config: ActConfig = config
+        self.policy: Policy = policy
+        method = config.name or policy.name
         if getattr(self.policy, "needs_model", False) and model is None:
             raise ValueError(f"method {method!r} needs model= (to know which saved tensors belong to which module)")
         self.method = method
         self.model = model
         if model is not None:
             self.policy.bind(model)
-        self.min_numel = int(min_numel)
-        if not 0 <= small_fraction <= 1:
-            raise ValueError(f"small_fraction must lie in [0, 1], got {small_fraction}")
-        self.small_fraction = float(small_fraction)
-        self.floor_numel = min(int(floor_numel), self.min_numel)
-        self._uniform = UniformCodec(bits=8, group_size=group_size, seed=seed)
+        self.min_numel = config.min_numel
+        self.small_fraction = float(config.small_fraction)
+        self.floor_numel = min(config.floor_numel, self.min_numel)
+        self._uniform = UniformCodec(bits=8, group_size=config.group_size, seed=config.seed)
         self._codecs = {"uniform": self._uniform, "mask": MaskCodec(), "index": IndexCodec(), **self.policy.codecs()}
         self._hooks: list[torch.autograd.graph.saved_tensors_hooks] = []
         self._module_stack: list[str] = []
@@ -214,12 +217,7 @@ class ActivationCompressor:
         self._index = 0
         self._steps = 0
         self._probe: ProbeState | None = None  # set while GACT/COMET measure sensitivities
-        self._last_report: MemoryReport | None = None
-        self._reset_counts()
-        self._live_raw = 0
-        self._live_stored = 0
-        self._peak_raw = 0
-        self._peak_stored = 0
+        self.ledger = Ledger()  # bytes raw vs stored, per step, live and peak
         if model is not None:
             self._watch_modules(model)
 
@@ -322,14 +320,15 @@ class ActivationCompressor:
         saved so far in this step. A few small tensors (norm statistics, a classifier's
         log-softmax) stay exact, but a net that saves almost only small tensors (a GRU's
         per-timestep gates) gets them compressed."""
-        self._seen_bytes += raw_bytes
+        ledger = self.ledger
+        ledger.seen_bytes += raw_bytes
         n = base.numel()
         if n >= self.min_numel:
             return False
         if n < self.floor_numel or not base.dtype.is_floating_point:
             return True
-        if self._small_raw_bytes + raw_bytes <= self.small_fraction * self._seen_bytes:
-            self._small_raw_bytes += raw_bytes
+        if ledger.small_raw_bytes + raw_bytes <= self.small_fraction * ledger.seen_bytes:
+            ledger.small_raw_bytes += raw_bytes
             return True
         return False
 
@@ -375,54 +374,24 @@ class ActivationCompressor:
         return restore_layout(base, saved.size, saved.stride, saved.offset, entry.span)
 
     # ------------------------------------------------------------------ accounting
-    def _reset_counts(self) -> None:
-        self._seen_bytes = 0  # bytes saved since the last step (for the small-tensor floor)
-        self._small_raw_bytes = 0
-        self._rows: dict[tuple[str, str, str], ReportRow] = {}
-        self._raw_total = 0
-        self._stored_total = 0
-
-    def _account(self, entry: _Entry, t: torch.Tensor, raw: int, stored: int, bits: int) -> None:
+    def _account(self, entry: _Entry, t: torch.Tensor, raw: int, stored: int, bits: float) -> None:
         if self._probe is not None:
             return
         module = self._module_stack[-1] if self._module_stack else "-"
         kind = entry.kind if not (entry.kind == "float" and entry.packed is None) else "raw"
-        key = (module, _producer(t), kind)
-        row = self._rows.get(key)
-        if row is None:
-            row = self._rows[key] = ReportRow(*key)
-        row.count += 1
-        row.numel += t.numel() if not entry.full_storage else raw // max(t.element_size(), 1)
-        row.raw_bytes += raw
-        row.stored_bytes += stored
-        if kind == "float":
-            row.bit_sum += bits * (raw // max(t.element_size(), 1))
-        self._raw_total += raw
-        self._stored_total += stored
-        self._live_raw += raw
-        self._live_stored += stored
-        self._peak_raw = max(self._peak_raw, self._live_raw)
-        self._peak_stored = max(self._peak_stored, self._live_stored)
-        entry.on_free = _Release(self, raw, stored)
+        elems = raw // max(t.element_size(), 1)  # elements of the encoded storage
+        numel = t.numel() if not entry.full_storage else elems
+        entry.on_free = self.ledger.add(module, _producer(t), kind, numel, raw, stored, bits * elems)
 
     def report(self) -> MemoryReport:
         """Saved-tensor memory of the forward passes since the last :meth:`step` (right after a
         step: the step just finished)."""
-        if not self._rows and self._last_report is not None:
-            return self._last_report
-        return MemoryReport(
-            method=self.policy.describe(),
-            raw_bytes=self._raw_total,
-            stored_bytes=self._stored_total,
-            peak_raw_bytes=self._peak_raw,
-            peak_stored_bytes=self._peak_stored,
-            rows=list(self._rows.values()),
-        )
+        return self.ledger.report(self.policy.describe())
 
     @property
     def live_bytes(self) -> tuple[int, int]:
         """(raw, stored) bytes of saved tensors alive right now."""
-        return self._live_raw, self._live_stored
+        return self.ledger.live_raw, self.ledger.live_stored
 
     # ------------------------------------------------------------------ modules
     def _watch_modules(self, model: nn.Module) -> None:
@@ -466,9 +435,7 @@ class ActivationCompressor:
         if self.policy.adaptive and closure is not None and self.policy.due(self._steps):
             self.estimate(closure)
         self._steps += 1
-        if self._rows:
-            self._last_report = self.report()
-        self._reset_counts()
+        self.ledger.end_step(self.policy.describe())
 
     def estimate(self, closure: Callable[[], torch.Tensor]) -> dict[int, float]:
         """Measure per-tensor gradient sensitivities on one batch and let the adaptive policy
@@ -479,3 +446,19 @@ class ActivationCompressor:
     def bit_allocation(self) -> dict[int, int]:
         """GACT's current {tensor index: bits} (empty before the first estimate)."""
         return dict(getattr(self.policy, "assigned", {}))
+
+
+def compress(model: nn.Module | None, config: ActConfig) -> ActivationCompressor:
+    """The compressor for ``config`` on ``model`` (the entry point of the family)::
+
+        act = lowbit.act.compress(model, GactConfig(average_bits=2))
+        with act:
+            loss = F.cross_entropy(model(x), y)
+        loss.backward(); act.step()
+
+    ``model`` may be None for methods that do not need it (every method but Mesa and GACT's /
+    COMET's estimates); the report then has no per-module rows."""
+    if not isinstance(config, ActConfig):
+        raise TypeError(f"compress(model, config) needs a config such as GactConfig(average_bits=2), got "
+                        f"{type(config).__name__} (the string form is ActivationCompressor({config!r}, ...))")
+    return ActivationCompressor(config, model=model)

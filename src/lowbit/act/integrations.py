@@ -31,6 +31,7 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
 
 from lowbit.act.checkpoint import checkpoint_blocks
 from lowbit.act.compressor import ActivationCompressor
+from lowbit.act.config import ActConfig
 from lowbit.act.policy import Policy
 
 __all__ = ["ActivationCompressionCallback"]
@@ -41,8 +42,9 @@ class ActivationCompressionCallback(TrainerCallback):
 
     Args:
         method: an :class:`~lowbit.act.ActivationCompressor` method ("uniform", "gact",
-            "division", "comet", "mesa", "none") or a :class:`~lowbit.act.Policy`.
-        bits: the method's bits (uniform: 1, 2, 4, 8; gact: average bits).
+            "division", "comet", "mesa", "none"), a config (``GactConfig(average_bits=2)``, which
+            carries its own bits: ``bits`` is then ignored) or a :class:`~lowbit.act.Policy`.
+        bits: the method's bits for the string form (uniform: 1, 2, 4, 8; gact: average bits).
         checkpoint: None (no checkpointing), True (every repeated block), or an int n
             (every n-th block; the others are compressed).
         log: add ``act_ratio`` and ``act_stored_mib`` (saved-tensor memory of the last step) to
@@ -53,7 +55,7 @@ class ActivationCompressionCallback(TrainerCallback):
     After training, ``callback.act`` is the compressor (``callback.act.report()``) and
     ``callback.history`` lists ``(global_step, raw_bytes, stored_bytes)`` per optimizer step."""
 
-    def __init__(self, method: str | Policy = "uniform", bits: float | None = 4, checkpoint: bool | int | None = None,
+    def __init__(self, method: str | ActConfig | Policy = "uniform", bits: float | None = 4, checkpoint: bool | int | None = None,
                  log: bool = True, **options: Any):
         if checkpoint is not None and not isinstance(checkpoint, (bool, int)):
             raise TypeError(f"checkpoint must be None, True or an int (every n-th block), got {checkpoint!r}")
@@ -77,7 +79,8 @@ class ActivationCompressionCallback(TrainerCallback):
         self._model = model
         if self.checkpoint:
             checkpoint_blocks(model, every=1 if self.checkpoint is True else int(self.checkpoint))
-        self.act = ActivationCompressor(self.method, bits=self.bits, model=model, **self.options)
+        bits = None if isinstance(self.method, ActConfig) else self.bits  # a config carries its own bits
+        self.act = ActivationCompressor(self.method, bits=bits, model=model, **self.options)
         if self.act.policy.adaptive:  # keep the step's last batch for the sensitivity estimate
             self._input_hook = model.register_forward_pre_hook(self._remember, with_kwargs=True)
 

@@ -1,5 +1,6 @@
-"""Policies decide, per saved floating tensor, how it is stored. A registry maps each ``method=``
-name to its policy class, so a new method is one new class and nothing else changes.
+"""Policies decide, per saved floating tensor, how it is stored. A method's config
+(:mod:`lowbit.act.config`) is turned into its policy by the handler registered for the config's
+type; ``POLICIES`` lists the policy classes by name (``register_policy`` sets ``Policy.name``).
 
 The default :meth:`Policy.encode` asks :meth:`Policy.bits_for` for a width and uses the
 context's per-group uniform codec; a policy with its own codec overrides ``encode`` and lists
@@ -84,9 +85,3 @@ class UniformPolicy(Policy):
 
     def describe(self) -> str:
         return f"uniform {self.bits}-bit"
-
-
-def make_policy(method: str, bits: float | None, **options) -> Policy:
-    if method not in POLICIES:
-        raise ValueError(f"unknown method {method!r}: choose one of {sorted(POLICIES)}")
-    return POLICIES[method](bits, **options)

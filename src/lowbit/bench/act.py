@@ -432,10 +432,10 @@ def _hf_paired_time(name: str, method: str, bits, cfg: dict, pairs: int, seed: i
             "paired_step_time_s": statistics.median(comp), "paired_plain_step_time_s": statistics.median(plain)}
 
 
-def hf_rows(models=("gpt2", "bert", "resnet18"), methods=HF_METHODS, quick: bool = False, memory: bool = True,
+def hf_rows(models=("gpt2", "bert", "llama", "resnet18"), methods=HF_METHODS, quick: bool = False, memory: bool = True,
             targets: bool = True, pairs: int | None = None, draws: int | None = None, seed: int = 0,
             out: str | Path = "benchmarks/results/act-hf", log=print) -> dict:
-    """`lowbit bench act --models hf`: ACT on transformers' GPT-2, BERT (and Llama) and a ResNet-18,
+    """`lowbit bench act --models hf`: ACT on transformers' GPT-2, BERT, Llama and a ResNet-18,
     built from configs (:mod:`lowbit.models.hf`, size "small", random weights and data).
 
     Per (model, method), all in train mode: the memory held between forward and backward and the

@@ -43,8 +43,8 @@ def act_methods(text: str) -> list[tuple[str, float | None]]:
 
 
 def _act_models(text: str) -> list[str]:
-    """Reference and HF model names; "hf" stands for hf-gpt2,hf-bert,hf-resnet18."""
-    text = ",".join("hf-gpt2,hf-bert,hf-resnet18" if m.strip() == "hf" else m for m in text.split(","))
+    """Reference and HF model names; "hf" stands for hf-gpt2,hf-bert,hf-llama,hf-resnet18."""
+    text = ",".join("hf-gpt2,hf-bert,hf-llama,hf-resnet18" if m.strip() == "hf" else m for m in text.split(","))
     return comma_choices(*ACT_MODELS, *HF_ACT_MODELS)(text)
 
 
@@ -62,7 +62,7 @@ def _register_act(bs) -> None:
                       out_help="results/act, or results/act-time with --time-only")
     p.add_argument("--models", type=_act_models, default=",".join(ACT_MODELS),
                    help=f"models to run: {', '.join(ACT_MODELS)} (reference models), {', '.join(HF_ACT_MODELS)} "
-                        "(transformers configs), or 'hf' for hf-gpt2,hf-bert,hf-resnet18")
+                        "(transformers configs), or 'hf' for all four")
     p.add_argument("--methods", type=act_methods, default=None,
                    help="e.g. none,checkpoint,uniform-4,gact-2,division-2,comet,mesa (default: none, uniform 8/4/2, gact-2)")
     p.add_argument("--all", action="store_true",
@@ -184,7 +184,8 @@ def _register_codec(bs) -> None:
 
 
 def _simple(name: str, help: str):
-    """A benchmark with only --quick and --out: ``lowbit.bench.<name>.run(quick=, out=)``."""
+    """A benchmark with only --quick and --out: ``lowbit.bench.<module>.run(quick=, out=)``, the module
+    named like the benchmark with '_' for '-'."""
 
     def register(bs) -> None:
         p = _bench_parser(bs, name, help)
@@ -192,7 +193,7 @@ def _simple(name: str, help: str):
         def run(args) -> int:
             import importlib
 
-            importlib.import_module(f"lowbit.bench.{name}").run(quick=args.quick, out=args.out)
+            importlib.import_module(f"lowbit.bench.{name.replace('-', '_')}").run(quick=args.quick, out=args.out)
             return 0
 
         p.set_defaults(func=run)
@@ -205,8 +206,11 @@ BENCHES = [
     _register_codec,
     _register_quant,
     _register_explain,
-    _simple("kernels", "packed binary kernels against float GEMM and conv"),
+    _simple("kernels", "packed kernels (binary, int8/int4 export, weight-only) against float32 in the same run"),
+    _simple("act-resnet-fmnist", "ResNet-18-class CNN trained on Fashion-MNIST: plain against GACT and uniform "
+                                 "(accuracy, held and step-peak memory, train-mode gradient cosine)"),
     _register_ptq,
+    _simple("ptq-text", "post-training quantization of a BERT-config text classifier (fortunes), with peer rows"),
     _simple("onceqat", "one model for every bit-width (vertical-layered once-QAT)"),
     _simple("smartdeal", "SmartDeal weight decomposition: storage, energy, accuracy"),
     _simple("acsgd", "pipeline-parallel AC-SGD: bytes on the wire, loss, simulated step time"),

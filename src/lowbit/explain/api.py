@@ -1,36 +1,39 @@
-"""``shapley(model, x, baseline, method=...)``: one entry point for every estimator."""
+"""``shapley(model, x, baseline, config)``: one entry point for every estimator.
+
+``config`` is an estimator config (:mod:`lowbit.explain.config`: ``ExactConfig``,
+``PermutationConfig``, ``AntitheticConfig``, ``KernelConfig``, ``ShearConfig`` or a registered one)
+or its string shortcut (``"shear"`` with ``budget=``, ``seed=``, ...)."""
 from __future__ import annotations
 
 import time
+import warnings
 from typing import Mapping, Sequence
 
 import torch
 
 from lowbit.explain.blackbox import as_model
-from lowbit.explain.estimators import exact_shapley, kernel_shapley, permutation_shapley
+from lowbit.explain.config import DEFAULT_BUDGET, SHORTCUTS, ShapleyConfig, config_for, estimator_for
 from lowbit.explain.inputs import as_rows, players as player_groups
-from lowbit.explain.interactions import finite_difference_logit, shear_hessian_interactions
 from lowbit.explain.result import ShapleyResult
-from lowbit.explain.shear import OUTSIDE_LAWS, NotDifferentiable, finite_difference_interactions, shear_shapley
+from lowbit.explain.shear import NotDifferentiable
 from lowbit.explain.value import Model, ValueFunction
 
-METHODS = ("exact", "permutation", "antithetic", "kernel", "shear")
-DEFAULT_BUDGET = 16
+METHODS = tuple(SHORTCUTS)  # the built-in string shortcuts
 
 
 def shapley(
     model: Model,
     x,
     baseline,
-    method: str = "exact",
+    method: ShapleyConfig | str = "exact",
     budget: int | None = None,
-    seed: int = 0,
+    seed: int | None = None,
     target: int | Sequence[int] | torch.Tensor | None = None,
     groups: Sequence[Sequence[int | str]] | Mapping[str, Sequence[int | str]] | None = None,
     batch_size: int = 8192,
-    max_exact_players: int = 16,
-    interactions: str = "hessian",
-    shear_outside: str = "shapley",
+    max_exact_players: int | None = None,
+    interactions: str | None = None,
+    shear_outside: str | None = None,
     return_details: bool = False,
     feature_names: Sequence[str] | None = None,
 ) -> torch.Tensor | ShapleyResult:
@@ -45,10 +48,14 @@ def shapley(
     [K, M]; v(S) = mean over its rows of f(x on S, baseline elsewhere). Both may be torch tensors,
     numpy arrays or pandas DataFrames (a Series for one row); DataFrame column names become
     ``feature_names``.
-    method: "exact" (all 2^P coalitions; refused past ``max_exact_players``), "permutation",
-    "antithetic", "kernel" (KernelSHAP, paired sampling, efficiency constrained), "shear".
-    budget: coalition evaluations per player per instance (SHEAR's unit; default 16), ignored
-    by "exact". groups: players made of several columns (one-hot blocks): lists of column
+    method: an estimator config, ``ExactConfig(max_players=16)``, ``PermutationConfig(budget,
+    seed)``, ``AntitheticConfig(...)``, ``KernelConfig(...)`` (KernelSHAP, paired sampling,
+    efficiency constrained), ``ShearConfig(budget, seed, interactions, outside)``, or its string
+    shortcut "exact", "permutation", "antithetic", "kernel", "shear"; the shortcut takes the
+    config's options as ``budget``, ``seed``, ``max_exact_players``, ``interactions`` and
+    ``shear_outside`` (options a method does not have are ignored; with a config, set them in
+    the config). budget: coalition evaluations per player per instance (default 16).
+    groups: players made of several columns (one-hot blocks): lists of column
     indices or names, or {player name: columns}; then the result has one value per group.
     interactions (SHEAR): "hessian" (autograd second derivatives; a clear error when the model has
     none; a saturated probability output is ranked on its logit, with a ``SaturationWarning``) or
@@ -58,12 +65,17 @@ def shapley(
     1/2 each, the paper's description).
     Returns a tensor [P] / [B, P] in x's dtype (float64 for DataFrames), or with
     ``return_details`` a :class:`ShapleyResult` (base value, names, ``.to_shap()``)."""
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}: choose one of {METHODS}")
-    if shear_outside not in OUTSIDE_LAWS:
-        raise ValueError(f"unknown shear_outside {shear_outside!r}: choose one of {OUTSIDE_LAWS}")
-    if interactions not in ("hessian", "finite-difference"):
-        raise ValueError(f"unknown interactions {interactions!r}: choose 'hessian' or 'finite-difference'")
+    shortcut = dict(budget=budget, seed=seed, max_exact_players=max_exact_players, interactions=interactions,
+                    shear_outside=shear_outside)
+    if isinstance(method, ShapleyConfig):
+        given = sorted(k for k, v in shortcut.items() if v is not None)
+        if given:
+            raise TypeError(f"shapley(..., {type(method).__name__}(...)) takes its options from the config; "
+                            f"set {given} there instead")
+        config = method
+    else:
+        config = config_for(method, **shortcut)
+    estimator = estimator_for(config)
     x, columns = as_rows("x", x)
     baseline = as_rows("baseline", baseline, columns if hasattr(baseline, "columns") and columns else None)[0].to(x.dtype)
     single = x.dim() == 1
@@ -75,43 +87,26 @@ def shapley(
         raise ValueError(f"baseline must be [M] or [K, M] with M = {xs.shape[1]} features, got shape {list(baseline.shape)}")
     names = list(feature_names) if feature_names is not None else columns
     players, player_names = player_groups(groups, names, xs.shape[1])
-    p = len(players)
-    if method == "exact" and p > max_exact_players:
-        raise ValueError(f"exact Shapley values need 2^{p} = {2**p:,} coalitions per instance; the limit is "
-                         f"max_exact_players={max_exact_players} (raise it, or use method='shear' / 'kernel')")
-    if budget is None:
-        budget = DEFAULT_BUDGET
-    if method != "exact" and (int(budget) != budget or budget < 2):
-        raise ValueError(f"budget (evaluations per feature) must be an integer >= 2, got {budget}")
     model = as_model(model, background[:1], columns)
     targets = _targets(target, xs.shape[0])
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(getattr(config, "seed", 0))
     values, base, full, evals, secs = [], [], [], [], []
-    etas, modes, eta_secs = None, [], 0.0
-    if method == "shear" and interactions == "hessian":  # one batched Hessian for all instances
+    prepared, modes, prep_secs = None, [], 0.0
+    if estimator.prepare is not None:  # batch-wide work (SHEAR: one batched Hessian for all instances)
         t0 = time.perf_counter()
-        etas, modes = shear_hessian_interactions(model, xs, background, players, targets)
-        eta_secs = (time.perf_counter() - t0) / xs.shape[0]  # its share of each instance's time
-    elif method == "shear":
-        modes = ["finite-difference"] * xs.shape[0]
+        caught: list = []
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                prepared, modes = estimator.prepare(model, xs, background, players, targets, config)
+        finally:
+            for w in caught:  # shown at the caller's line, whatever the depth of the estimator's code
+                warnings.warn(w.message, w.category, stacklevel=2)
+        prep_secs = (time.perf_counter() - t0) / xs.shape[0]  # its share of each instance's time
     for b in range(xs.shape[0]):
-        t0 = time.perf_counter() - eta_secs
+        t0 = time.perf_counter() - prep_secs
         v = ValueFunction(model, xs[b], background, players, targets[b], batch_size)
-        total = int(budget) * p
-        if method == "exact":
-            phi = exact_shapley(v)
-        elif method in ("permutation", "antithetic"):
-            phi = permutation_shapley(v, total, gen, antithetic=method == "antithetic")
-        elif method == "kernel":
-            phi = kernel_shapley(v, total, gen)
-        else:
-            if etas is None:
-                eta = finite_difference_interactions(v)
-            elif etas[b] is None:  # a saturated row without a usable logit Hessian
-                eta = finite_difference_logit(v, b)
-            else:
-                eta = etas[b]
-            phi = shear_shapley(v, eta, int(budget), gen, shear_outside)
+        phi = estimator.run(v, config, gen, b, prepared)
         secs.append(time.perf_counter() - t0)
         evals.append(v.evaluations)
         values.append(phi)

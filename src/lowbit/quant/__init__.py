@@ -1,7 +1,8 @@
 """Quantized, binary and ternary networks: quantizers (forward rounding + backward estimator),
 QuantConv2d / QuantLinear, recipes that turn a float model into a quantized one, packed size.
 
-    qmodel = lowbit.quant.quantize(model, "xnor")      # model itself is not modified
+    qmodel = lowbit.quant.quantize(model, XnorConfig()) # model itself is not modified
+    qmodel = lowbit.quant.quantize(model, "xnor")      # the string shortcut for the same
     lowbit.quant.train_quantized(qmodel, train, test)  # schedules, penalties, distillation
     print(lowbit.quant.summary(qmodel))                # per-layer bits and packed bytes
 """
@@ -28,7 +29,24 @@ from lowbit.quant.quantizers import (
     UniformActivation,
     UniformWeight,
 )
-from lowbit.quant.recipes import RECIPES, Recipe, get_recipe, quantize, register_recipe
+from lowbit.quant.config import (
+    BnnConfig,
+    BwnConfig,
+    DirNetConfig,
+    FdaConfig,
+    HqConfig,
+    Int4Config,
+    Int8Config,
+    LsqConfig,
+    QnnConfig,
+    QuantConfig,
+    SbnnConfig,
+    TernaryPtqConfig,
+    TwnConfig,
+    VerticalConfig,
+    XnorConfig,
+)
+from lowbit.quant.recipes import CONFIGS, RECIPES, Recipe, get_recipe, quantize, recipe_for, register_recipe
 from lowbit.quant.size import ModelSize, model_size, summary
 from lowbit.quant.train import distillation_loss, train_quantized
 
@@ -39,5 +57,8 @@ __all__ = [
     "register_recipe", "ModelSize", "model_size", "summary", "distillation_loss", "train_quantized", "export",
     "storage_bytes", "ALLOCATION_WIDTHS", "allocate_bits", "average_bits", "fold_batchnorm", "hutchinson_trace", "rtn_weight", "sensitivity", "weight_counts",
     "ptq", "export_onnx", "FixedUniform", "BorderQuantizer", "AdaRoundWeight", "find_units", "reconstruct",
+    "CONFIGS", "recipe_for", "QuantConfig", "BnnConfig", "QnnConfig", "BwnConfig", "XnorConfig", "FdaConfig",
+    "DirNetConfig", "SbnnConfig", "TwnConfig", "HqConfig", "TernaryPtqConfig", "VerticalConfig", "LsqConfig",
+    "Int8Config", "Int4Config",
 ]
 from lowbit.quant.weight_only import quantize_weights; __all__ += ["quantize_weights"]  # noqa: E402, E702
