@@ -69,3 +69,18 @@ def test_smartdeal_keeps_its_structure_through_fine_tuning_and_recovers_accuracy
         assert torch.allclose(w.reshape(-1, ce.shape[1]), ce @ q.basis(), atol=1e-5)
     rep = decompose.report(sd)
     assert all(row["stored_bytes"] * 8 <= row["float32_bytes"] for row in rep)  # >= 8x smaller per layer
+
+
+def test_smartdeal_config_validates_and_matches_the_string_form():
+    from lowbit.decompose import SmartDealConfig
+    from lowbit.quant import quantize
+
+    for bad in ({"sparsity": 1.0}, {"e_min": 3, "e_max": 2}, {"iters": 0}, {"basis": 0}):
+        with pytest.raises(ValueError, match="SmartDealConfig"):
+            SmartDealConfig(**bad)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 32), torch.nn.ReLU(),
+                                torch.nn.Linear(32, 4))
+    x = torch.randn(5, 16)
+    a = quantize(model, SmartDealConfig(sparsity=0.25, iters=5))
+    b = quantize(model, "smartdeal", sparsity=0.25, iters=5)
+    assert torch.equal(a(x), b(x))

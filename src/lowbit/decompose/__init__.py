@@ -4,6 +4,7 @@
     lowbit.quant.train_quantized(sd, train, test)                  # fine-tune keeping the structure
 """
 from lowbit.decompose.smartdeal import (
+    SmartDealConfig,
     SmartDealWeight,
     decompose,
     pow2_round,
@@ -11,4 +12,4 @@ from lowbit.decompose.smartdeal import (
     smartdeal,
 )
 
-__all__ = ["SmartDealWeight", "decompose", "pow2_round", "report", "smartdeal"]
+__all__ = ["SmartDealConfig", "SmartDealWeight", "decompose", "pow2_round", "report", "smartdeal"]

@@ -12,13 +12,37 @@ learns B in float.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from lowbit.quant.quantizers import Quantizer, _straight_through
 from lowbit.quant.layers import is_hf_conv1d
+from lowbit.fields import check_int, check_number
+from lowbit.quant.config import QuantConfig
 from lowbit.quant.recipes import quantize, register_recipe
+
+
+@dataclass(frozen=True, kw_only=True)
+class SmartDealConfig(QuantConfig):
+    """SmartDeal: W = Ce . B per layer. sparsity: fraction of Ce's rows set to zero, in [0, 1);
+    e_min..e_max: the exponents of Ce's signed powers of two; iters: alternating fit rounds (>= 1);
+    basis: the basis width r of a linear layer (None: 4, or 1 when in_features is not a multiple)."""
+
+    sparsity: float = 0.5
+    e_min: int = 0
+    e_max: int = 5
+    iters: int = 20
+    basis: int | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_number(self, "sparsity", 0.0, 1.0, high_open=True)
+        check_int(self, "e_min")
+        check_int(self, "e_max", low=self.e_min)
+        check_int(self, "iters", low=1)
+        check_int(self, "basis", low=1, allow_none=True)
 
 
 def pow2_round(c: torch.Tensor, e_min: int = 0, e_max: int = 5) -> torch.Tensor:
@@ -125,11 +149,10 @@ class SmartDealWeight(Quantizer):
 
 
 @register_recipe("smartdeal", "SmartDeal: W = Ce.B, Ce row-sparse with signed power-of-two entries (shifts), "
-                 "B a small float basis; float inputs", {"sparsity": 0.5, "e_min": 0, "e_max": 5, "iters": 20, "basis": None},
-                 weight_bits=4)
-def _recipe(layer: nn.Module, o: dict) -> dict:
+                 "B a small float basis; float inputs", config=SmartDealConfig, weight_bits=4)
+def _recipe(layer: nn.Module, c: SmartDealConfig) -> dict:
     weight = layer.weight.T if is_hf_conv1d(layer) else layer.weight  # the [out, in] layout QuantLinear keeps
-    return dict(weight_quantizer=SmartDealWeight(weight, o["sparsity"], o["e_min"], o["e_max"], o["iters"], o["basis"]))
+    return dict(weight_quantizer=SmartDealWeight(weight, c.sparsity, c.e_min, c.e_max, c.iters, c.basis))
 
 
 def smartdeal(model: nn.Module, sparsity: float = 0.5, e_min: int = 0, e_max: int = 5, iters: int = 20,
