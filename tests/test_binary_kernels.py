@@ -61,8 +61,7 @@ def test_llvm_popcount_gemm_matches_numba_and_reference():
     from lowbit.kernels import popcount_gemm
     from lowbit.kernels.binary import _BINARY_MM_NB
 
-    if not popcount_gemm.available():
-        pytest.skip("llvmlite cannot JIT here")
+    assert popcount_gemm.available(), popcount_gemm.fallback_reason()
     # every column-block variant (N < 16, < 32, >= 32), rows and columns not multiples of the
     # micro-tile, K not a multiple of 64, K past 16-bit sums, one word
     for m, n, k in [(4, 4, 64), (9, 13, 513), (64, 5, 1000), (6, 17, 130), (13, 33, 515), (100, 40, 70000), (7, 9, 1)]:
@@ -90,10 +89,9 @@ def test_llvm_popcount_gemm_matches_numba_and_reference():
 def test_fused_binary_conv_matches_float_conv(c, o, kernel, stride, padding, dilation, hw, batch, xnor):
     import torch.nn.functional as F
 
-    from lowbit.kernels import binary_conv
+    from lowbit.kernels import binary_conv, popcount_gemm
 
-    if not binary_conv.available():
-        pytest.skip("llvmlite cannot JIT here")
+    assert binary_conv.available(), popcount_gemm.fallback_reason()
     torch.manual_seed(0)
     x = torch.randn(batch, c, *hw)
     w = torch.randn(o, c, *kernel)

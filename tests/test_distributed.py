@@ -8,7 +8,8 @@ from torch import nn
 from lowbit.codecs import DeltaCodec, UniformCodec
 from lowbit.distributed import (CharLMTask, ExampleMemory, PipelineConfig, PipelineError, batch_ids, cut_layers,
                                 parse_bandwidth, simulated_step_time, spawn_local, train_single)
-from lowbit.distributed.wire import HEADER_LEN
+from lowbit.codecs.uniform import from_bytes, quant_nbytes, to_bytes
+from lowbit.distributed.wire import HEADER_LEN, WireCounter, raw_packed, recv_packed, send_packed
 
 DIM, BLOCK = 32, 16
 
@@ -110,6 +111,79 @@ def test_config_rejects_nonsense():
         PipelineConfig(grad_bits=5)
     with pytest.raises(ValueError, match="bandwidth"):
         PipelineConfig(bandwidths=("quick",))
+
+
+def _wire_cases() -> list:
+    """Encodings of every kind a link carries: metadata in float16 and float32, odd sizes, 1 to 6 dims."""
+    g = torch.Generator().manual_seed(0)
+    return [
+        UniformCodec(2, 128, "stochastic", 1).encode(torch.randn(3, 5, 7, generator=g)),  # short last group
+        UniformCodec(4, 64, "nearest").encode(torch.randn(2, 1, 2, 1, 3, 11, generator=g) * 1e6),  # 6-D
+        UniformCodec(8, 32).encode(torch.linspace(0, 1, 33)),  # float16 metadata
+        UniformCodec(1, 16).encode(torch.randn(40, generator=g) * 1e-9),  # tiny ranges need float32
+        raw_packed(torch.randn(4, 9, generator=g)),
+    ]
+
+
+def test_the_wire_carries_the_codecs_byte_layout():
+    for p in _wire_cases()[:4]:
+        buf = to_bytes(p)
+        assert buf.dtype == torch.uint8 and buf.numel() == p.nbytes
+        assert buf.numel() == quant_nbytes(p.numel, p.info["bits"], p.info["group_size"], p.payload["min"].dtype)
+        back = from_bytes(buf, p.shape, p.info["bits"], p.info["group_size"], p.payload["min"].dtype)
+        assert back.info == p.info and back.shape == p.shape
+        for k in ("codes", "min", "scale"):
+            assert back.payload[k].dtype == p.payload[k].dtype and torch.equal(back.payload[k], p.payload[k])
+        codec = UniformCodec(p.info["bits"], p.info["group_size"])
+        assert torch.equal(codec.decode(back), codec.decode(p))
+    assert {p.payload["min"].dtype for p in _wire_cases()[:4]} == {torch.float16, torch.float32}
+    p = _wire_cases()[0]
+    with pytest.raises(ValueError, match=f"is {p.nbytes} bytes of uint8, got {p.nbytes - 1} "):
+        from_bytes(to_bytes(p)[:-1], p.shape, 2, 128, p.payload["min"].dtype)
+    with pytest.raises(ValueError, match="quantized encoding"):
+        to_bytes(raw_packed(torch.ones(3)))
+
+
+def _wire_rank(rank: int, port: int, out: str) -> int | None:
+    """Rank 0 sends every case, rank 1 receives them (and saves their decoded values in ``out``)."""
+    import datetime
+
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        if rank == 0:
+            counter = WireCounter()
+            for p in _wire_cases():
+                send_packed(p, 1, counter, "forward")
+            dist.barrier()
+            return counter.end_step()["forward"]
+        got = [recv_packed(0, "uniform") for _ in _wire_cases()]
+        torch.save([UniformCodec().decode(p) for p in got], out)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_messages_cross_a_real_link_bit_exact_with_header_and_codes_counted(tmp_path):
+    import torch.multiprocessing as mp
+
+    from lowbit.distributed.launch import free_port
+
+    out, port = str(tmp_path / "received.pt"), free_port()
+    receiver = mp.get_context("spawn").Process(target=_wire_rank, args=(1, port, out))
+    receiver.start()
+    try:
+        sent = _wire_rank(0, port, out)  # this process is rank 0
+    finally:
+        receiver.join(60)
+    assert receiver.exitcode == 0
+    cases, decoded = _wire_cases(), torch.load(out, weights_only=True)
+    for p, d in zip(cases, decoded, strict=True):
+        want = p.payload["data"] if p.info["mode"] == "raw" else UniformCodec(p.info["bits"], p.info["group_size"]).decode(p)
+        assert d.shape == p.shape and torch.equal(d, want)
+    assert sent == sum(HEADER_LEN * 8 + p.nbytes for p in cases)  # the header and the codec's bytes, nothing else
 
 
 # --- real process groups on loopback (gloo) ----------------------------------------------------

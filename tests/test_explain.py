@@ -75,10 +75,13 @@ def test_groups_are_one_player_each():
     phi = shapley(f, x, base, "exact", groups=groups)
     assert phi.shape == (5,)
     assert torch.allclose(phi.double(), _brute_force(f, x, base[None], groups), atol=1e-5)
-    for method in ("permutation", "antithetic", "kernel", "shear"):
+    # relative error sum|phi_hat - phi| / sum|phi| at 16 evaluations per player: measured over 6 model
+    # seeds at most 0.065 (permutation), 0.0061 (antithetic), 0.0048 (shear); KernelSHAP's budget
+    # (80) covers all 2^5 coalitions, so it enumerates them and is exact
+    for method, bound in (("permutation", 0.15), ("antithetic", 0.02), ("kernel", 1e-5), ("shear", 0.02)):
         est = shapley(f, x, base, method, budget=16, groups=groups)
         assert est.shape == (5,)
-        assert metrics.absolute_error(est, phi) < 0.5 * phi.abs().sum() + 1e-3
+        assert metrics.absolute_error(est, phi) < bound * float(phi.abs().sum()) + 1e-6, method
 
 
 @pytest.mark.parametrize("method", ["permutation", "antithetic", "kernel", "shear"])
@@ -91,7 +94,9 @@ def test_sampled_estimators_are_unbiased(method):
     runs = torch.stack([shapley(f, x, base, method, budget=4, seed=s).double() for s in range(200)])
     single = float((runs - exact).abs().sum(1).mean())
     mean_err = float((runs.mean(0) - exact).abs().sum())
-    assert mean_err < 0.25 * single + 1e-6, (mean_err, single)
+    # the mean of 200 runs of an unbiased estimator errs about 1/sqrt(200) = 0.07 times one run (measured
+    # 0.05-0.11 over two models); a biased one would stay near its bias
+    assert mean_err < 2 / math.sqrt(len(runs)) * single + 1e-6, (mean_err, single)
 
 
 @pytest.mark.parametrize("method", ["permutation", "antithetic", "kernel", "shear"])
@@ -101,7 +106,8 @@ def test_error_falls_as_budget_grows(method):
     exact = shapley(f, xs, base, "exact")
     err = [sum(metrics.absolute_error(shapley(f, xs, base, method, budget=b, seed=s), exact) for s in range(4))
            for b in (4, 64)]
-    assert err[1] < 0.6 * err[0], err
+    # 16x the budget: a Monte-Carlo error falls about 4x (measured 0.09-0.24 of the error at budget 4)
+    assert err[1] < 0.4 * err[0], err
 
 
 def test_permutation_and_kernel_are_efficient():
@@ -181,7 +187,8 @@ def test_shear_refuses_models_without_second_derivatives():
         shapley(f, x, base, "shear")
     est = shapley(f, x, base, "shear", budget=16, interactions="finite-difference", return_details=True)
     exact = shapley(f, x, base, "exact")
-    assert metrics.absolute_error(est.values, exact) < 0.5 * float(exact.abs().sum()) + 1e-4
+    # measured 0.20 of sum|exact| for this model (0.05-0.20 over 4 model seeds)
+    assert metrics.absolute_error(est.values, exact) < 0.3 * float(exact.abs().sum()) + 1e-4
     assert est.evaluations[0] == 16 * M + 1 + M + M * (M - 1) // 2
 
     def not_torch(z):

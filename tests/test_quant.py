@@ -205,11 +205,12 @@ def test_hq_prunes_gradually_then_reinitialises_latent_weights():
     _, layer = quant.quant_layers(m)[0]
     quant.set_progress(m, 0.25)
     w = layer.quantized_weight().detach()
-    assert 0.0 < float((w == 0).float().mean()) < 0.5  # ramping
+    # ramping: halfway through the float phase, sparsity * (1 - (1 - 1/2)^3) of the layer is pruned
+    assert float((w == 0).float().mean()) == pytest.approx(0.5 * (1 - 0.5**3), abs=1.0 / w.numel() + 1e-6)
     assert w.flatten(1)[0].abs().unique().numel() > 3  # still float on the hypersphere
     assert (layer.weight == 0).float().mean() == 0
     quant.set_progress(m, 0.5)
-    assert float((layer.weight == 0).float().mean()) == pytest.approx(0.5, abs=0.01)  # re-initialised
+    assert float((layer.weight == 0).float().mean()) == pytest.approx(0.5, abs=1.0 / w.numel() + 1e-6)  # re-initialised
     assert torch.allclose(layer.weight.flatten(1).norm(dim=1), torch.ones(layer.weight.shape[0]))
 
 
@@ -222,7 +223,37 @@ def test_ptq_penalty_pulls_weights_toward_the_grid():
         opt.zero_grad()
         quant.penalty(m).backward()
         opt.step()
-    assert quant.penalty(m) < 0.5 * p0
+    assert quant.penalty(m) < 0.1 * p0  # measured 0.017-0.030 of p0 over 4 seeds
+
+
+def test_each_ternary_method_is_its_own_class_and_the_string_shortcut_builds_it():
+    from lowbit.quant.quantizers import (HypersphericalTernaryWeight, PrunedTernaryWeight,
+                                         ThresholdTernaryWeight, TernaryWeight)
+
+    hq = TernaryWeight("hq", sparsity=0.3, float_phase=0.5)
+    assert type(hq) is HypersphericalTernaryWeight and (hq.sparsity, hq.float_phase) == (0.3, 0.5)
+    assert type(TernaryWeight()) is ThresholdTernaryWeight and type(TernaryWeight("twn")) is ThresholdTernaryWeight
+    ptq = TernaryWeight("ptq", decay=0.1)
+    assert type(ptq) is PrunedTernaryWeight and (ptq.sparsity, ptq.decay) == (0.5, 0.1)
+    assert isinstance(ptq, TernaryWeight) and isinstance(hq, quant.Quantizer)  # export's checks still apply
+    for recipe, cls in [("ternary", ThresholdTernaryWeight), ("ternary-hq", HypersphericalTernaryWeight),
+                        ("ternary-ptq", PrunedTernaryWeight)]:
+        m = quant.quantize(ResNet(widths=(8, 16, 16)), recipe)
+        assert {type(layer.weight_quantizer) for _, layer in quant.quant_layers(m)} == {cls}
+    with pytest.raises(ValueError, match="'twn' .* takes no sparsity"):
+        TernaryWeight("twn", sparsity=0.5)
+    with pytest.raises(ValueError, match="'ptq' .* takes no float_phase"):
+        TernaryWeight("ptq", float_phase=0.5)
+    with pytest.raises(ValueError, match="unknown ternary method 'xyz'"):
+        TernaryWeight("xyz")
+    with pytest.raises(ValueError, match="sparsity must be"):
+        HypersphericalTernaryWeight(sparsity=1.0)
+    # a state_dict from when one class held all three methods (HQ's flag in every one) still loads
+    w = torch.randn(8, 4, 3, 3)
+    twn = ThresholdTernaryWeight()
+    twn.load_state_dict({"progress": torch.tensor(1.0), "reinitialized": torch.tensor(False)})
+    assert float(twn.progress) == 1.0 and "reinitialized" not in twn.state_dict()
+    assert max(_values_per_channel(twn(w))) <= 3
 
 
 # --- layers ------------------------------------------------------------------------------------
@@ -314,7 +345,7 @@ def test_state_dict_round_trip(recipe, tmp_path):
     ref = q(x)
     torch.save(q.state_dict(), tmp_path / "q.pt")
     fresh = quant.quantize(model, recipe)
-    fresh.load_state_dict(torch.load(tmp_path / "q.pt"))
+    fresh.load_state_dict(torch.load(tmp_path / "q.pt", weights_only=True))
     fresh.eval()
     assert torch.allclose(fresh(x), ref, atol=1e-6)
 
@@ -364,13 +395,16 @@ def test_distillation_loss_zero_for_identical_and_trains_with_teacher():
 
 @pytest.mark.parametrize("recipe", sorted(quant.RECIPES))
 def test_every_recipe_learns_on_real_data(recipe):
-    """Two epochs on 1000 scikit-learn digits: every recipe well above the 10% chance level."""
+    """Three epochs on 1000 scikit-learn digits: every recipe near what it reaches (chance is 10%)."""
     torch.manual_seed(0)
     train = load_images("digits", "train", 1000)
     test = load_images("digits", "test", 300)
     q = quant.quantize(ResNet(widths=(16, 32, 32)), recipe)
     r = quant.train_quantized(q, train, test, epochs=3, batch_size=64, lr=5e-3, progress=False)
-    assert r.metric > 40, r.metric
+    # measured at this seed and at seed 1: binary inputs 67-77%, qnn (2-bit inputs) 81-87%, the
+    # rest 94-98%; each floor leaves 10 points or more below the lowest
+    floor = 55 if quant.get_recipe(recipe).binary_inputs else 70 if recipe == "qnn" else 84
+    assert r.metric > floor, r.metric
 
 
 # --- export: packed inference ------------------------------------------------------------------
@@ -401,18 +435,17 @@ def test_export_matches_fake_quantized_model(recipe, kw, batch, fused, monkeypat
         for name, (xi, yi) in inputs.items():  # layer by layer on the same input: integer part exact
             packed = exported.get_submodule(name)
             assert torch.allclose(packed(xi), yi, atol=1e-5, rtol=1e-5), name
-    # end to end, float rounding after scaling (~1e-7, a different summation order) can flip the sign
-    # of a later input that cancels to exactly 0 in one order and not in the other (integer-valued
-    # sums make that common in an untrained binary net): whole samples then differ, most do not
-    close = (out - ref).abs().amax(1) < 1e-4
-    assert close.float().mean() >= 0.75, float((out - ref).abs().max())
+    # end to end: the packed model computes the same function, up to float rounding after scaling
+    # (at most 2.4e-7 measured over every case here and 3 more seeds at batch 40; no sample of
+    # them differed by more)
+    assert torch.allclose(out, ref, atol=1e-5, rtol=1e-5), float((out - ref).abs().max())
     assert not any(isinstance(m, (quant.QuantConv2d, quant.QuantLinear)) for m in exported.modules())
     assert quant.storage_bytes(exported) < quant.storage_bytes(q) / 4
     # BatchNorm folded into the packed layers' scale and shift (and the float stem conv): same outputs
     folded = quant.export(q)
     with torch.no_grad():
         y = folded(x)
-    assert torch.allclose(y, out, atol=1e-4, rtol=1e-4) or (y - out).abs().amax(1).lt(1e-4).float().mean() >= 0.75
+    assert torch.allclose(y, out, atol=1e-5, rtol=1e-5), float((y - out).abs().max())  # measured: <= 1.8e-7
     n_bn = sum(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
     binary = recipe in ("bnn", "xnor", "fda", "dirnet")
     assert n_bn == (0 if binary else sum(isinstance(m, nn.BatchNorm2d) for m in exported.modules()) - 1), n_bn
@@ -435,7 +468,7 @@ def test_export_saves_loads_and_is_small(tmp_path):
     assert "PackedBinaryLayer" in quant.summary(exported)
     torch.save(exported.state_dict(), tmp_path / "packed.pt")
     fresh = quant.export(quant.quantize(ResNet(), "xnor"))
-    fresh.load_state_dict(torch.load(tmp_path / "packed.pt"))
+    fresh.load_state_dict(torch.load(tmp_path / "packed.pt", weights_only=True))
     x = torch.randn(2, 1, 28, 28)
     with torch.no_grad():
         assert torch.equal(fresh(x), exported(x))

@@ -67,7 +67,7 @@ def test_once_qat_trains_every_width_and_one_store_reloads_them_all(tmp_path):
     assert acc[8] > 50 and acc[4] > 50 and acc[2] > 25  # ten classes: chance is 10
     path = tmp_path / "once.pt"
     torch.save(V.export_store(m), path)
-    state = torch.load(path)
+    state = torch.load(path, weights_only=True)
     assert all(state[f"{n}.weight_codes"].dtype == torch.int8 for n in V.get_bits(m))
     fresh = V.load_store(quant.quantize(ResNet(widths=(8, 16, 16)), "vertical"), state, bits=4)
     m.eval(), fresh.eval()

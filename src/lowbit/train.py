@@ -11,8 +11,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from lowbit.act import ActivationCompressor
-from lowbit.data import CharCorpus
+from lowbit.act import ActivationCompressor, checkpoint_blocks
+from lowbit.data import CharCorpus, load_fortunes
+from lowbit.models import MLP
 
 
 @dataclass
@@ -28,6 +29,48 @@ class TrainResult:
     def median_step_time(self) -> float:
         warm = self.step_times[min(5, len(self.step_times) - 1) :] if self.step_times else [float("nan")]
         return statistics.median(warm)
+
+
+def make_compressor(method: str, bits: float | None, model: nn.Module, seed: int = 0) -> ActivationCompressor:
+    """The ActivationCompressor for one training run of ``model``.
+
+    ``"checkpoint"`` wraps every repeated block of the model in torch.utils.checkpoint (in place)
+    and accounts the rest like ``"none"``; ``"checkpoint+<method>"`` (e.g. ``checkpoint+uniform``
+    with ``bits=2``) checkpoints every second block and compresses what the rest saves with
+    ``<method>``. ``bits``: stored bits per element (uniform, division: a whole number; gact: an
+    average), None for methods that choose their own."""
+    if method == "checkpoint":
+        checkpoint_blocks(model)
+        return ActivationCompressor("none", model=model, seed=seed)
+    if method.startswith("checkpoint+"):
+        checkpoint_blocks(model, every=2)
+        method = method.split("+", 1)[1]
+    if bits is not None and method in ("uniform", "division"):
+        bits = int(bits)
+    return ActivationCompressor(method, bits=bits, model=model, seed=seed)
+
+
+def fortunes_corpus() -> CharCorpus:
+    """The fortunes text as a character corpus (the gpt reference model's training data)."""
+    return CharCorpus(load_fortunes())
+
+
+def tabular_model(data, seed: int = 0, steps: int = 200, lr: float = 3e-3) -> tuple[nn.Module, float]:
+    """A softplus MLP(M -> 64 -> 64 -> C) trained full-batch with Adam on a tabular set
+    (``lowbit.data.Tabular``: x_train [N, M] standardised floats, y_train [N] class ids), the
+    model SHEAR's paper explains. Returns (model in eval mode, test accuracy in percent)."""
+    torch.manual_seed(seed)
+    model = MLP(data.x_train.shape[1], hidden=(64, 64), out_features=len(data.class_names), activation="softplus")
+    opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=1e-3)
+    for _ in range(steps):
+        loss = F.cross_entropy(model(data.x_train), data.y_train)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    with torch.no_grad():
+        acc = float((model(data.x_test).argmax(1) == data.y_test).double().mean()) * 100
+    return model, acc
 
 
 def _optimizer(model: nn.Module, lr: float, total_steps: int):

@@ -26,41 +26,14 @@ from tqdm.auto import tqdm
 from lowbit.bench.common import markdown_table, save_results
 from lowbit.data import load_tabular
 from lowbit.explain import metrics, shapley
-from lowbit.models import MLP
+from lowbit.explain.blackbox import ClassProbability
+from lowbit.train import tabular_model
 
 BUDGETS = (8, 16, 32, 64, 128)
 METHODS = ("permutation", "antithetic", "kernel", "shear", "shear-uniform")
 DEFAULT_INSTANCES = {"adult": 300}  # of 11,306 test rows: exact values of every row would take an hour
 # "shear-uniform": SHEAR with the outside players drawn x-or-reference with probability 1/2 (the
 # paper's description) instead of lowbit's unbiased Shapley law: an ablation row
-
-
-def tabular_model(data, seed: int = 0, steps: int = 200, lr: float = 3e-3) -> tuple[torch.nn.Module, float]:
-    """The paper's explained model: MLP(M -> 64 -> 64 -> C) with softplus; full-batch Adam.
-    Returns (model in eval mode, test accuracy in percent)."""
-    torch.manual_seed(seed)
-    model = MLP(data.x_train.shape[1], hidden=(64, 64), out_features=len(data.class_names), activation="softplus")
-    opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=1e-3)
-    for _ in range(steps):
-        loss = torch.nn.functional.cross_entropy(model(data.x_train), data.y_train)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()
-    with torch.no_grad():
-        acc = float((model(data.x_test).argmax(1) == data.y_test).double().mean()) * 100
-    return model, acc
-
-
-class ClassProbability(torch.nn.Module):
-    """f(x) = softmax(model(x))[:, target]: [N, M] -> [N]."""
-
-    def __init__(self, model: torch.nn.Module, target: int):
-        super().__init__()
-        self.model, self.target = model, target
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(self.model(x), dim=1)[:, self.target]
 
 
 def _torch_to_numpy(f):

@@ -28,10 +28,11 @@ def run(args: argparse.Namespace) -> int:
     import torch
     from tqdm.auto import tqdm
 
-    from lowbit.bench.explain import ClassProbability, tabular_model
     from lowbit.data import load_tabular
     from lowbit.explain import metrics, shapley
+    from lowbit.explain.blackbox import ClassProbability
     from lowbit.table import markdown_table
+    from lowbit.train import tabular_model
 
     with usage_errors():
         tab = load_tabular(args.data)

@@ -59,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from lowbit import quant
-    from lowbit.bench.common import reference_model
+    from lowbit.models import reference_model
     from lowbit.table import markdown_table
     from lowbit.train import evaluate_classifier
 

@@ -48,8 +48,8 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
-    from lowbit.bench.common import fortunes_corpus, make_compressor, reference_model
-    from lowbit.train import total_steps, train_classifier, train_lm
+    from lowbit.models import reference_model
+    from lowbit.train import fortunes_corpus, make_compressor, total_steps, train_classifier, train_lm
 
     set_threads(args.threads)
     cap = min(args.steps or QUICK_STEPS, QUICK_STEPS) if args.quick else args.steps
@@ -117,7 +117,7 @@ def expected_seconds(model, method: str, bits, seed: int, xb, yb, steps: int, ti
 
     import torch
 
-    from lowbit.bench.common import make_compressor
+    from lowbit.train import make_compressor
 
     with torch.random.fork_rng(devices=[]):
         act = make_compressor(method, bits, model, seed)

@@ -7,8 +7,10 @@ import torch
 
 from lowbit.codecs.base import Packed, check_packed, decode_stored_as_is
 from lowbit.kernels import quantize_pack, unpack_dequant
+from lowbit.kernels.uniform import packed_nbytes
 
 SUPPORTED_BITS = (1, 2, 4, 8)
+META_DTYPES = (torch.float16, torch.float32)  # what a "quant" encoding stores group minima and scales in
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
@@ -95,6 +97,43 @@ class UniformCodec:
             pl["codes"], p.numel, p.info["group_size"], pl["min"].float(), pl["scale"].float(), p.info["bits"]
         )
         return out.view(p.shape).to(p.dtype)
+
+
+def quant_nbytes(numel: int, bits: int, group_size: int, meta_dtype: torch.dtype) -> int:
+    """Bytes of a ``"quant"`` encoding of ``numel`` elements (codes plus one (min, scale) pair per
+    group in ``meta_dtype``): the length of :func:`to_bytes`'s buffer and of ``Packed.nbytes``."""
+    if meta_dtype not in META_DTYPES:
+        raise ValueError(f"group metadata is stored in one of {META_DTYPES}, got {meta_dtype}")
+    groups = -(-numel // _check_group(group_size))
+    return 2 * groups * torch.empty((), dtype=meta_dtype).element_size() + packed_nbytes(numel, group_size, check_bits(bits))
+
+
+def to_bytes(p: Packed) -> torch.Tensor:
+    """A ``"quant"`` encoding of :class:`UniformCodec` as one flat uint8 tensor, the layout that
+    :func:`from_bytes` reads: group minima, group scales (native byte order), then the codes.
+    The metadata comes first so that reading it back needs no copy to align it."""
+    if p.info.get("mode") != "quant":
+        raise ValueError(f"to_bytes takes a quantized encoding, got mode {p.info.get('mode')!r}")
+    pl = p.payload
+    return torch.cat([pl["min"].contiguous().view(torch.uint8), pl["scale"].contiguous().view(torch.uint8),
+                      pl["codes"].reshape(-1)])
+
+
+def from_bytes(buf: torch.Tensor, shape: torch.Size, bits: int, group_size: int, meta_dtype: torch.dtype,
+               codec: str = "uniform", dtype: torch.dtype = torch.float32) -> Packed:
+    """The encoding :func:`to_bytes` wrote, as a Packed of ``codec`` (``"uniform"``, or ``"delta"``
+    for its change) that decodes to ``shape`` in ``dtype``. ``buf``: flat uint8, viewed, not copied."""
+    numel = 1
+    for s in shape:
+        numel *= s
+    want = quant_nbytes(numel, bits, group_size, meta_dtype)
+    if buf.dtype != torch.uint8 or buf.dim() != 1 or buf.numel() != want:
+        raise ValueError(f"a {bits}-bit encoding of shape {tuple(shape)} in groups of {group_size} is {want} bytes "
+                         f"of uint8, got {buf.numel()} of {buf.dtype} ({buf.dim()}-D)")
+    meta = want - packed_nbytes(numel, group_size, bits)  # minima and scales, in bytes
+    mins, scales = buf[:meta].view(meta_dtype).chunk(2)
+    info = {"mode": "quant", "bits": bits, "group_size": group_size}
+    return Packed(codec, torch.Size(shape), dtype, buf.device, {"codes": buf[meta:], "min": mins, "scale": scales}, info)
 
 
 def layout_group(t: torch.Tensor, group_size: int = 256, bits: int | None = None) -> int:

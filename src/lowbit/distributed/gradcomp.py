@@ -5,6 +5,7 @@ import torch
 import torch.distributed as dist
 
 from lowbit.codecs import UniformCodec
+from lowbit.codecs.uniform import from_bytes, to_bytes
 from lowbit.distributed.wire import WireCounter, comm_device
 
 
@@ -30,19 +31,17 @@ def allreduce_gradients(params: list[torch.nn.Parameter], group, group_size_rank
         p = codec.encode(flat)
         if p.info.get("mode") != "quant":
             raise FloatingPointError("a gradient holds NaN or Inf: refusing to compress and all-reduce it")
-        # (min, scale) as float32 so every rank's message has the same layout
-        parts = [p.payload["codes"], p.payload["min"].float(), p.payload["scale"].float()]
-        gathered = []
-        for t in parts:
-            t = t.to(device).contiguous()
-            bucket = [torch.empty_like(t) for _ in range(n)]
-            dist.all_gather(bucket, t, group=group)
-            counter.add("dp", (n - 1) * t.numel() * t.element_size())
-            gathered.append(bucket)
+        # (min, scale) as float32 so every rank's message has the same length; one message in the
+        # codec's byte layout
+        p.payload["min"], p.payload["scale"] = p.payload["min"].float(), p.payload["scale"].float()
+        msg = to_bytes(p).to(device)
+        bucket = [torch.empty_like(msg) for _ in range(n)]
+        dist.all_gather(bucket, msg, group=group)
+        counter.add("dp", (n - 1) * msg.numel())
         total = torch.zeros_like(flat)
-        for codes, mins, scales in zip(*gathered):
-            payload = {"codes": codes.to(flat.device), "min": mins.to(flat.device), "scale": scales.to(flat.device)}
-            total += codec.decode(type(p)(p.codec, p.shape, p.dtype, p.device, payload, p.info)).to(flat.device)
+        for buf in bucket:
+            q = from_bytes(buf.to(flat.device), p.shape, p.info["bits"], p.info["group_size"], torch.float32)
+            total += codec.decode(q).to(flat.device)
     offset = 0
     for prm, g in zip(params, grads):
         k = g.numel()

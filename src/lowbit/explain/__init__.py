@@ -6,7 +6,7 @@ black boxes (any callable on 2-D arrays), with shap interop (``ShapleyResult.to_
 """
 from lowbit.explain import metrics
 from lowbit.explain.api import METHODS, shapley
-from lowbit.explain.blackbox import BlackBox
+from lowbit.explain.blackbox import BlackBox, ClassProbability
 from lowbit.explain.config import (
     AntitheticConfig,
     ExactConfig,
@@ -22,6 +22,6 @@ from lowbit.explain.result import ShapleyResult
 from lowbit.explain.shear import NotDifferentiable
 from lowbit.explain.value import ValueFunction
 
-__all__ = ["shapley", "ShapleyResult", "METHODS", "NotDifferentiable", "SaturationWarning", "BlackBox",
+__all__ = ["shapley", "ShapleyResult", "METHODS", "NotDifferentiable", "SaturationWarning", "BlackBox", "ClassProbability",
            "ValueFunction", "metrics", "ShapleyConfig", "SampledConfig", "ExactConfig", "PermutationConfig",
            "AntitheticConfig", "KernelConfig", "ShearConfig", "register_estimator"]

@@ -46,6 +46,25 @@ class BlackBox:
         return f"BlackBox({self.name})"
 
 
+class ClassProbability(torch.nn.Module):
+    """One class's probability as the explained output: f(x) = softmax(model(x))[:, target].
+
+    ``model``: a classifier [N, M] -> logits [N, C]; ``target``: the class, 0 to C-1. [N, M] -> [N]."""
+
+    def __init__(self, model: torch.nn.Module, target: int):
+        super().__init__()
+        if not isinstance(target, int) or target < 0:
+            raise ValueError(f"target must be a class index (an int >= 0), got {target!r}")
+        self.model, self.target = model, target
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.model(x)
+        if logits.ndim != 2 or self.target >= logits.shape[1]:
+            raise ValueError(f"target class {self.target} does not exist in the model's output of shape "
+                             f"{tuple(logits.shape)} (expected [N, C] with C > {self.target})")
+        return torch.softmax(logits, dim=1)[:, self.target]
+
+
 def _to_tensor(out, name: str) -> torch.Tensor:
     if isinstance(out, torch.Tensor):
         return out.detach()

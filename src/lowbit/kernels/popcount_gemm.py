@@ -24,6 +24,7 @@ import contextlib
 import ctypes
 import functools
 import os
+import warnings
 from typing import NamedTuple
 
 import torch
@@ -128,32 +129,57 @@ class Jit(NamedTuple):
     run_rows: object
 
 
-@functools.lru_cache(maxsize=1)
-def _compiled() -> Jit | None:
-    """The JIT-compiled kernel, or None when llvmlite cannot JIT here."""
-    try:
-        import llvmlite.binding as llvm
+def _jit(ir: str) -> Jit:
+    """Compile ``ir`` (the module of :func:`_module_ir`) for this CPU; raises what llvmlite or numba raise."""
+    import llvmlite.binding as llvm
 
-        llvm.initialize_native_target()
-        llvm.initialize_native_asmprinter()
-        target = llvm.Target.from_default_triple()
-        tm = target.create_target_machine(cpu=llvm.get_host_cpu_name(), features=llvm.get_host_cpu_features().flatten(),
-                                          opt=3, codemodel="jitdefault")
-        mod = llvm.parse_assembly(_module_ir())
-        mod.verify()
-        pto = llvm.create_pipeline_tuning_options(speed_level=3) if hasattr(llvm, "create_pipeline_tuning_options") else None
-        if pto is not None:
-            pb = llvm.create_pass_builder(tm, pto)
-            pb.getModulePassManager().run(mod, pb)
-        engine = llvm.create_mcjit_compiler(mod, tm)
-        engine.finalize_object()
-        # pointers passed as int64 (same registers in the x86-64 / AArch64 C ABI), so numba can call it
-        proto = ctypes.CFUNCTYPE(None, *[ctypes.c_int64] * 9)
-        fns = {cb: proto(engine.get_function_address(f"bmm{cb}")) for cb in COLUMN_BLOCKS}
-        call_tile = _tile_caller(fns)
-        return Jit(fns, engine, call_tile, _row_runner(call_tile))
-    except Exception:  # no JIT on this platform: callers fall back to numba
-        return None
+    llvm.initialize_native_target()
+    llvm.initialize_native_asmprinter()
+    target = llvm.Target.from_default_triple()
+    tm = target.create_target_machine(cpu=llvm.get_host_cpu_name(), features=llvm.get_host_cpu_features().flatten(),
+                                      opt=3, codemodel="jitdefault")
+    mod = llvm.parse_assembly(ir)
+    mod.verify()
+    pto = llvm.create_pipeline_tuning_options(speed_level=3) if hasattr(llvm, "create_pipeline_tuning_options") else None
+    if pto is not None:
+        pb = llvm.create_pass_builder(tm, pto)
+        pb.getModulePassManager().run(mod, pb)
+    engine = llvm.create_mcjit_compiler(mod, tm)
+    engine.finalize_object()
+    # pointers passed as int64 (same registers in the x86-64 / AArch64 C ABI), so numba can call it
+    proto = ctypes.CFUNCTYPE(None, *[ctypes.c_int64] * 9)
+    fns = {cb: proto(engine.get_function_address(f"bmm{cb}")) for cb in COLUMN_BLOCKS}
+    call_tile = _tile_caller(fns)
+    return Jit(fns, engine, call_tile, _row_runner(call_tile))
+
+
+def try_jit(ir: str) -> tuple[Jit | None, str | None]:
+    """(kernel, None) when ``ir`` compiles, else (None, the error) with a RuntimeWarning that says
+    binary products take the slower numba kernel: results stay exact, only the speed drops, and
+    the failure is seen instead of hidden."""
+    try:
+        return _jit(ir), None
+    except Exception as e:  # llvmlite and numba raise plain RuntimeError/TypeError subclasses: any of them
+        reason = f"{type(e).__name__}: {' '.join(str(e).split())}"  # one line: LLVM errors span several
+        warnings.warn(f"lowbit: the LLVM popcount kernel did not compile on this machine ({reason}); binary "
+                      "products use the numba kernel instead (same results, slower)", RuntimeWarning, stacklevel=2)
+        return None, reason
+
+
+@functools.lru_cache(maxsize=1)
+def _compiled_or_reason() -> tuple[Jit | None, str | None]:
+    return try_jit(_module_ir())
+
+
+def _compiled() -> Jit | None:
+    """The JIT-compiled kernel, or None when it did not compile here (see :func:`fallback_reason`)."""
+    return _compiled_or_reason()[0]
+
+
+def fallback_reason() -> str | None:
+    """Why binary products fall back to the numba kernel on this machine (the compile error), or
+    None when the LLVM kernel compiled. Compiles it on the first call."""
+    return _compiled_or_reason()[1]
 
 
 def _tile_caller(fns):
@@ -206,6 +232,7 @@ def numba_threads(threads: int):
 
 
 def available() -> bool:
+    """True when the LLVM kernel compiled here (else :func:`fallback_reason` says why not)."""
     return _compiled() is not None
 
 
@@ -230,7 +257,7 @@ def popcount_gemm(a: torch.Tensor, b: torch.Tensor, k: int, threads: int | None 
         raise ValueError(f"popcount_gemm returns int32: k must be in [0, 2^31), got {k}")
     compiled = _compiled()
     if compiled is None:
-        raise RuntimeError("llvmlite could not JIT the popcount kernel on this platform")
+        raise RuntimeError(f"the LLVM popcount kernel did not compile on this machine: {fallback_reason()}")
     m, w = a.shape
     n = b.shape[0]
     cb = column_blocks_for(n)

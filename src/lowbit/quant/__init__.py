@@ -26,6 +26,10 @@ from lowbit.quant.quantizers import (
     SignQuantizer,
     SparseBinaryWeight,
     TernaryWeight,
+    ThresholdTernaryWeight,
+    HypersphericalTernaryWeight,
+    PrunedTernaryWeight,
+    ternary_weight,
     UniformActivation,
     UniformWeight,
 )
@@ -53,7 +57,7 @@ from lowbit.quant.train import distillation_loss, train_quantized
 __all__ = [
     "functions", "vertical", "QuantConv2d", "QuantConv1d", "QuantLinear", "QuantEmbedding", "SplitMultiheadAttention", "penalty", "quant_layers", "set_progress", "LSQ", "BinaryActivation",
     "BinaryWeight", "GradientQuantizer", "NoiseAdaptation", "Quantizer", "SignQuantizer", "SparseBinaryWeight",
-    "TernaryWeight", "UniformActivation", "UniformWeight", "RECIPES", "Recipe", "get_recipe", "quantize",
+    "TernaryWeight", "ThresholdTernaryWeight", "HypersphericalTernaryWeight", "PrunedTernaryWeight", "ternary_weight", "UniformActivation", "UniformWeight", "RECIPES", "Recipe", "get_recipe", "quantize",
     "register_recipe", "ModelSize", "model_size", "summary", "distillation_loss", "train_quantized", "export",
     "storage_bytes", "ALLOCATION_WIDTHS", "allocate_bits", "average_bits", "fold_batchnorm", "hutchinson_trace", "rtn_weight", "sensitivity", "weight_counts",
     "ptq", "export_onnx", "FixedUniform", "BorderQuantizer", "AdaRoundWeight", "find_units", "reconstruct",

@@ -8,6 +8,7 @@ when packed, so ``model_size`` can count it.
 """
 from __future__ import annotations
 
+import inspect
 import math
 
 import torch
@@ -303,74 +304,156 @@ def _ternary(w: torch.Tensor, keep: torch.Tensor, per_channel: bool) -> torch.Te
     return _straight_through(t, w)
 
 
-class TernaryWeight(Quantizer):
-    """Ternary weights alpha * {-1, 0, +1}.
+def _unit_channels(w: torch.Tensor) -> torch.Tensor:
+    """w [C_out, ...] with each output channel scaled to unit L2 norm (on the hypersphere)."""
+    return w / w.flatten(1).norm(dim=1).clamp_min(1e-12).reshape(-1, *([1] * (w.dim() - 1)))
 
-    method:
-    - "twn" (the naive baseline): threshold 0.7 * mean|w_c|, alpha_c = mean of the kept |w|.
-    - "hq" (hyperspherical quantization): weights L2-normalised per output channel (on the
-      hypersphere), magnitude-pruned to ``sparsity`` with a cubic ramp during the first
-      ``float_phase`` of training while they stay float, then re-initialised (pruned entries set
-      to zero, kept ones renormalised) and ternarised with alpha_c per channel.
-    - "ptq" (pruning ternary quantization): L2-normalised per channel, pruned to ``sparsity`` by
-      magnitude, symmetric ternary with one alpha per layer, plus a weight-decay term
-      ``decay * sum((|w_hat| - alpha)^2 kept + w_hat^2 pruned)`` that shrinks the float/ternary gap.
+
+def _check_sparsity(sparsity: float) -> float:
+    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0.0 <= sparsity < 1.0:
+        raise ValueError(f"sparsity must be a number in [0, 1), got {sparsity!r}")
+    return float(sparsity)
+
+
+class _TernaryFactory(type):
+    """Lets ``TernaryWeight("hq", sparsity=0.5)`` build the class of that method (a shortcut kept
+    for recipes and users); the method classes themselves are built as usual."""
+
+    def __call__(cls, *args, **kwargs):
+        if cls is TernaryWeight:
+            return ternary_weight(*args, **kwargs)
+        return super().__call__(*args, **kwargs)
+
+
+class TernaryWeight(Quantizer, metaclass=_TernaryFactory):
+    """Ternary weights alpha * {-1, 0, +1}: the base of the three methods below, each its own class.
+
+    ``TernaryWeight(method, **options)`` is a shortcut for the method's class:
+    "twn" -> :class:`ThresholdTernaryWeight`, "hq" -> :class:`HypersphericalTernaryWeight`,
+    "ptq" -> :class:`PrunedTernaryWeight` (see :func:`ternary_weight`).
     """
 
     storage_bits = 2.0
+    method: str = ""  # the shortcut's name of each method
+    sparsity: float | None = None  # share of weights set to zero (None: set by a threshold)
 
-    def __init__(self, method: str = "twn", sparsity: float | None = None, float_phase: float = 0.25, decay: float = 1e-3):
+    def num_scales(self, w: torch.Tensor) -> int:
+        return w.shape[0]  # one alpha per output channel
+
+    def extra_repr(self) -> str:
+        return f"method={self.method}, sparsity={self.sparsity}"
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # state_dicts written when one class held every method carry HQ's re-initialisation flag
+        # for all three: a method without it ignores the flag instead of refusing the checkpoint
+        if "reinitialized" not in self._buffers:
+            state_dict.pop(prefix + "reinitialized", None)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+class ThresholdTernaryWeight(TernaryWeight):
+    """TWN, the naive baseline: weights under 0.7 * mean|w_c| of their output channel c are set to
+    zero, the rest to alpha_c * sign(w) with alpha_c the mean of the kept |w| (per channel)."""
+
+    method = "twn"
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        keep = w.abs() > 0.7 * w.abs().mean(_channel_dims(w), keepdim=True)
+        return _ternary(w, keep, per_channel=True)
+
+
+class HypersphericalTernaryWeight(TernaryWeight):
+    """HQ (hyperspherical quantization): weights L2-normalised per output channel, magnitude-pruned
+    to ``sparsity`` with a cubic ramp during the first ``float_phase`` of training (a fraction of
+    it, in [0, 1]) while they stay float, then re-initialised once (pruned entries set to zero,
+    kept ones renormalised) and ternarised with alpha_c per channel."""
+
+    method = "hq"
+
+    def __init__(self, sparsity: float = 0.5, float_phase: float = 0.25):
         super().__init__()
-        if method not in ("twn", "hq", "ptq"):
-            raise ValueError(f"unknown ternary method {method!r}: choose 'twn', 'hq' or 'ptq'")
-        if sparsity is None:
-            sparsity = 0.5 if method != "twn" else None
-        if sparsity is not None and not 0.0 <= sparsity < 1.0:
-            raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
-        self.method, self.sparsity, self.float_phase, self.decay = method, sparsity, float_phase, decay
+        if isinstance(float_phase, bool) or not isinstance(float_phase, (int, float)) or not 0.0 <= float_phase <= 1.0:
+            raise ValueError(f"float_phase must be a fraction of training in [0, 1], got {float_phase!r}")
+        self.sparsity, self.float_phase = _check_sparsity(sparsity), float(float_phase)
         self.register_buffer("reinitialized", torch.zeros((), dtype=torch.bool))
 
-    def _normalized(self, w: torch.Tensor) -> torch.Tensor:
-        return w / w.flatten(1).norm(dim=1).clamp_min(1e-12).reshape(-1, *([1] * (w.dim() - 1)))
+    def _float_phase(self) -> bool:
+        return float(self.progress) < self.float_phase
 
     def current_sparsity(self) -> float:
-        if self.method == "hq" and float(self.progress) < self.float_phase:
+        """The pruned share now: ramps up as sparsity * (1 - (1 - r)^3), r the float phase done."""
+        if self._float_phase():
             r = float(self.progress) / self.float_phase
             return self.sparsity * (1 - (1 - r) ** 3)
-        return self.sparsity or 0.0
+        return self.sparsity
 
     def set_progress(self, fraction: float, weight: nn.Parameter | None = None) -> None:
         super().set_progress(fraction, weight)
-        if self.method == "hq" and weight is not None and fraction >= self.float_phase and not bool(self.reinitialized):
+        if weight is not None and fraction >= self.float_phase and not bool(self.reinitialized):
             with torch.no_grad():  # HQ re-initialisation at the switch to ternary
-                wn = self._normalized(weight)
-                weight.copy_(self._normalized(wn * _keep_mask(wn.abs(), self.sparsity)))
+                wn = _unit_channels(weight)
+                weight.copy_(_unit_channels(wn * _keep_mask(wn.abs(), self.sparsity)))
             self.reinitialized.fill_(True)
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
-        if self.method == "twn":
-            dims = _channel_dims(w)
-            keep = w.abs() > 0.7 * w.abs().mean(dims, keepdim=True)
-            return _ternary(w, keep, per_channel=True)
-        wn = self._normalized(w)
+        wn = _unit_channels(w)
         keep = _keep_mask(wn.detach().abs(), self.current_sparsity())
-        if self.method == "hq" and float(self.progress) < self.float_phase:
+        if self._float_phase():
             return wn * keep.to(w.dtype)  # float phase on the hypersphere, pruned
-        return _ternary(wn, keep, per_channel=self.method == "hq")
+        return _ternary(wn, keep, per_channel=True)
+
+
+class PrunedTernaryWeight(TernaryWeight):
+    """PTQ (pruning ternary quantization): weights L2-normalised per output channel, pruned to
+    ``sparsity`` by magnitude, symmetric ternary with one alpha per layer, plus a weight-decay
+    term ``decay * sum((|w_hat| - alpha)^2 kept + w_hat^2 pruned)`` (:meth:`penalty`) that
+    shrinks the float/ternary gap."""
+
+    method = "ptq"
+
+    def __init__(self, sparsity: float = 0.5, decay: float = 1e-3):
+        super().__init__()
+        if isinstance(decay, bool) or not isinstance(decay, (int, float)) or decay < 0:
+            raise ValueError(f"decay must be a number >= 0, got {decay!r}")
+        self.sparsity, self.decay = _check_sparsity(sparsity), float(decay)
+
+    def _kept(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        wn = _unit_channels(w)
+        return wn, _keep_mask(wn.detach().abs(), self.sparsity)
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return _ternary(*self._kept(w), per_channel=False)
 
     def penalty(self, w: torch.Tensor | None = None) -> torch.Tensor | None:
-        if self.method != "ptq" or w is None or self.decay == 0:
+        if w is None or self.decay == 0:
             return None
-        wn = self._normalized(w)
-        keep = _keep_mask(wn.detach().abs(), self.current_sparsity()).to(w.dtype)
+        wn, keep = self._kept(w)
+        keep = keep.to(w.dtype)
         alpha = ((wn.abs() * keep).sum() / keep.sum().clamp_min(1)).detach()
         return self.decay * (((wn.abs() - alpha) ** 2) * keep + wn**2 * (1 - keep)).sum()
 
     def num_scales(self, w: torch.Tensor) -> int:
-        return 1 if self.method == "ptq" else w.shape[0]
+        return 1  # one alpha per layer
 
-    def extra_repr(self) -> str:
-        return f"method={self.method}, sparsity={self.sparsity}"
+
+TERNARY_METHODS: dict[str, type[TernaryWeight]] = {
+    c.method: c for c in (ThresholdTernaryWeight, HypersphericalTernaryWeight, PrunedTernaryWeight)}
+
+
+def ternary_weight(method: str = "twn", sparsity: float | None = None, float_phase: float | None = None,
+                   decay: float | None = None) -> TernaryWeight:
+    """The ternary quantizer of ``method`` ("twn", "hq" or "ptq"); options left as None take the
+    method's default. An option the method does not take is an error, not silently ignored."""
+    if method not in TERNARY_METHODS:
+        raise ValueError(f"unknown ternary method {method!r}: choose one of {', '.join(map(repr, TERNARY_METHODS))}")
+    cls = TERNARY_METHODS[method]
+    given = {k: v for k, v in dict(sparsity=sparsity, float_phase=float_phase, decay=decay).items() if v is not None}
+    takes = set(inspect.signature(cls.__init__).parameters) - {"self"}
+    extra = sorted(set(given) - takes)
+    if extra:
+        raise ValueError(f"ternary method {method!r} ({cls.__name__}) takes no {', '.join(extra)}; "
+                         f"its options: {', '.join(sorted(takes)) or 'none'}")
+    return cls(**given)
 
 
 class SparseBinaryWeight(Quantizer):
