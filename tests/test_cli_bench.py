@@ -85,6 +85,12 @@ def test_kernel_benchmark_writes_json(tmp_path):
     assert res["export_top1_agreement"] > 0.9  # BatchNorm folded: rounding may flip a near-tie, rarely
     assert sum(r["kind"] == "end-to-end" for r in data["rows"]) == 4  # 2 batches x 2 float baselines
     assert (tmp_path / "kernels.png").exists()
+    if data["int_export"]:  # with the hf extra: both models, both configs, exported == fake-quantized
+        assert {(r["model"].split()[0], r["config"]) for r in data["int_export"]} == {
+            (m, c) for m in ("resnet18", "bert") for c in ("W8A8", "W4A8")}
+        # float summation order may move an activation across a rounding boundary: one 8-bit step at most
+        assert all(r["max_abs_diff_vs_fake_quant"] <= 1e-2 * max(1.0, r["output_max_abs"]) for r in data["int_export"])
+    assert data["weight_only"]["kernel_rows"] and "weight-only kernels" in (tmp_path / "kernels.md").read_text()
 
 
 @pytest.mark.slow  # long end-to-end run: CI's `pytest -m slow` line

@@ -315,3 +315,26 @@ def test_aquant_borders_never_raise_the_unit_error_over_adaround():
             quant.FixedUniform(2, lo, hi)(xr).sum().backward()
             assert torch.equal(xi.grad, xr.grad) and 0 < xi.grad.mean() < 1
     assert errors["aquant"] <= errors["adaround"] * (1 + 1e-6), errors
+
+
+def test_recorded_block_outputs_are_the_float_targets_and_only_rounding_learns():
+    """capture_all_unit_inputs keeps each block's float output (the reconstruction target, no
+    second run); reconstruct trains only the rounding variables and leaves the rest as it was."""
+    from lowbit.quant.ptq import AdaRoundWeight, quant_layer_from_float
+    from lowbit.quant.reconstruct import capture_all_unit_inputs, reconstruct
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 6), nn.Sequential(nn.Linear(6, 6), nn.ReLU()),
+                          nn.Sequential(nn.Linear(6, 6), nn.ReLU()), nn.Linear(6, 2)).eval()
+    x = torch.randn(40, 6)
+    got = capture_all_unit_inputs(model, ["1", "2"], x, batch_size=16)
+    with torch.no_grad():
+        for u in ("1", "2"):
+            inputs, _ = got[u]
+            assert torch.allclose(inputs.output, model.get_submodule(u)(inputs.x))
+    unit = nn.Sequential(quant_layer_from_float(model[1][0], weight_quantizer=AdaRoundWeight(model[1][0].weight, 2)),
+                         nn.ReLU())
+    reconstruct(unit, model[1], got["1"][0], got["1"][0], iters=20, target=got["1"][0].output)
+    assert unit[0].weight_quantizer is None and unit[0].bias.requires_grad  # baked, bias untouched
+    with pytest.raises(ValueError, match="target holds"):
+        reconstruct(unit, model[1], got["1"][0], got["1"][0], iters=1, target=torch.zeros(3, 6))

@@ -42,3 +42,36 @@ def test_onnx_export_refuses_what_it_cannot_express(tmp_path):
     q = quant.quantize(_cnn(), "qnn")  # DoReFa inputs on [0, 1]: no QDQ form here
     with pytest.raises(ValueError, match="UniformActivation input quantizer"):
         quant.export_onnx(q, torch.randn(1, 1, 14, 14), tmp_path / "x.onnx")
+
+
+def _hf_case(name: str, recipe: str, tmp_path):
+    hf = pytest.importorskip("lowbit.models.hf", reason="needs the hf extra")
+    pytest.importorskip("transformers", reason="needs the hf extra")
+    torch.manual_seed(0)
+    model = hf.hf_model(name).eval()
+    x = next(iter(hf.hf_batch(name, model, batch=3, generator=torch.Generator().manual_seed(0)).values()))
+    q = quant.quantize(model, recipe)
+    with torch.no_grad():
+        q(x)  # LSQ steps initialise on the first batch
+    q.eval()
+    path = quant.export_onnx(q, x[:2], tmp_path / f"{name}-{recipe}.onnx")
+    out = ort.InferenceSession(str(path)).run(None, {"input": x.numpy()})[0]  # batch 3: the batch is dynamic
+    with torch.no_grad():
+        ref = q(x).logits.numpy()
+    assert out.shape == ref.shape
+    # xnor too: the sign products are exact in both, scaled after, so later signs agree
+    assert np.abs(out - ref).max() < 1e-5 * max(1.0, np.abs(ref).max()), (name, recipe)
+    ops = [n.op_type for n in onnx.load(str(path)).graph.node]
+    layers = quant.quant_layers(q)
+    assert len(layers) >= 6 and ops.count("DequantizeLinear") >= len(layers)  # every quantized weight: an integer constant
+
+
+@pytest.mark.parametrize("name,recipe", [("bert", "int8"), ("gpt2", "xnor")])
+def test_onnx_export_of_quantized_transformers(name, recipe, tmp_path):
+    _hf_case(name, recipe, tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,recipe", [("bert", "int4"), ("bert", "xnor"), ("gpt2", "int8"), ("gpt2", "int4")])
+def test_onnx_export_of_quantized_transformers_every_recipe(name, recipe, tmp_path):
+    _hf_case(name, recipe, tmp_path)

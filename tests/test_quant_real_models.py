@@ -283,3 +283,19 @@ def test_exported_xnor_transformers_agree_bit_for_bit():
         ids = torch.randint(0, model.config.vocab_size, (4, 32))
         with torch.no_grad():
             assert torch.equal(q(ids).logits, e(ids).logits), name
+
+
+def test_integer_export_of_conv2d_strides_dilation_and_1x1():
+    """The int8 im2col (channels-last taps) against the fake-quantized convs: padding, stride,
+    dilation, a strided 1x1 (ResNet's shortcut) and a kernel without padding."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=2, dilation=2), nn.ReLU(),
+                          nn.Conv2d(8, 16, 1, stride=2), nn.ReLU(), nn.Conv2d(16, 16, (3, 2), stride=(2, 1), padding=(1, 0)),
+                          nn.ReLU(), nn.Conv2d(16, 8, 3), nn.Flatten(), nn.Linear(48, 4)).eval()
+    x = torch.randn(5, 3, 13, 11)
+    for wb in (8, 4):
+        q = quant.ptq(model, x, wb, 8, progress=False)
+        e = quant.export(q)
+        with torch.no_grad():
+            ref, out = q(x), e(x)
+        assert torch.allclose(out, ref, atol=1e-5), float((out - ref).abs().max())

@@ -1,9 +1,10 @@
 """Train-mode gradient cosine to the exact gradient on the ResNet-18 config (hf_model("resnet18",
 "small"): 96x96 inputs, batch 16) with Fashion-MNIST images (upsampled, one channel) or random
 images (--random), BatchNorm on batch statistics. Also times GACT/COMET's sensitivity probe
-against a plain training step.
+against a plain training step, and for GACT reports the average width it chose and the lowest
+width any BatchNorm input got (the probe runs in train mode, like the training step).
 
-usage: python benchmarks/act_engine/train_mode_cosine.py [--random] [--methods uniform-2 uniform-4 gact-2 comet]
+usage: python benchmarks/act_engine/train_mode_cosine.py [--random] [--methods uniform-2 uniform-4 gact-2 gact-3 comet]
 """
 from __future__ import annotations
 
@@ -64,14 +65,23 @@ def main() -> None:
             probe_s = time.perf_counter() - t
             model.load_state_dict(state)
         cos = [float(F.cosine_similarity(grad(act), exact, dim=0)) for _ in range(a.draws)]
-        rows.append({"method": spec, "cosine_mean": sum(cos) / len(cos), "cosines": cos, "ratio": act.report().ratio,
-                     "probe_s": probe_s, "probe_in_steps": probe_s / step_s if probe_s else None})
+        row = {"method": spec, "cosine_mean": sum(cos) / len(cos), "cosines": cos, "ratio": act.report().ratio,
+               "probe_s": probe_s, "probe_in_steps": probe_s / step_s if probe_s else None}
+        stats, assigned = getattr(act.policy, "stats", {}), act.bit_allocation
+        if stats and assigned:  # GACT: the widths it chose
+            total = sum(s.numel for s in stats.values())
+            row["avg_bits"] = sum(assigned[i] * s.numel for i, s in stats.items()) / total
+            norm = [assigned[i] for i, s in stats.items() if s.role == "norm_input"]
+            row["norm_input_bits_min"] = min(norm) if norm else None
+        rows.append(row)
         print(rows[-1], flush=True)
     print(f"plain step {step_s:.2f} s; data: {'random' if a.random else 'fashion-mnist'}")
-    print(f"{'method':<10} {'train cos':>9} {'ratio':>6} {'probe (steps)':>13}")
+    print(f"{'method':<10} {'train cos':>9} {'ratio':>6} {'probe (steps)':>13} {'avg bits':>8} {'BN-input min bits':>17}")
     for r in rows:
         ps = f"{r['probe_in_steps']:.1f}" if r["probe_in_steps"] else "-"
-        print(f"{r['method']:<10} {r['cosine_mean']:>9.3f} {r['ratio']:>6.1f} {ps:>13}")
+        avg = f"{r['avg_bits']:.2f}" if "avg_bits" in r else "-"
+        bn = str(r.get("norm_input_bits_min") or "-")
+        print(f"{r['method']:<10} {r['cosine_mean']:>9.3f} {r['ratio']:>6.1f} {ps:>13} {avg:>8} {bn:>17}")
     out = Path("benchmarks/results/act_engine")
     out.mkdir(parents=True, exist_ok=True)
     (out / f"train_mode_cosine_{'random' if a.random else 'fmnist'}.json").write_text(json.dumps({"step_s": step_s, "rows": rows}, indent=1))

@@ -7,10 +7,13 @@
 2. the exported binary conv layers (BatchNorm folded in) against nn.Conv2d (float32) at batch 1 and 64.
 3. end to end: the exported XNOR ResNet against the float one at batch 1 and 64, both as trained
    and as fast as plain torch runs it (BatchNorm folded, channels-last), and sizes.
-4. integer inference: a ResNet-18-class CNN and a BERT (``transformers`` configs, "small"; "tiny"
-   with ``quick``) post-training quantized to W8A8 and W4A8 (round to nearest) and exported to
-   integer layers (int8 GEMM through ``torch._int_mm``), against the float32 model; the largest
-   difference of the exported model's output from the fake-quantized one's.
+4. integer inference: a ResNet-18-class CNN (96 x 96 images) and a BERT (seq 128)
+   (``transformers`` configs, "small"; "tiny" with ``quick``) post-training quantized to W8A8 and
+   W4A8 (round to nearest) and exported to integer layers (int8 GEMM through ``torch._int_mm``,
+   int8 im2col for convs), against the float32 model at batch 1 and 8; the largest difference of
+   the exported model's output from the fake-quantized one's.
+5. weight-only kernels: ``lowbit.bench.weight_only.kernel_rows_passive`` (the packed 2-4-bit
+   kernel on float32 activations against ``F.linear`` and torch's int4 kernel), its own table.
 Best of repeated runs after a warm-up, float and packed calls alternating; ratios are float
 time / packed time.
 """
@@ -115,40 +118,53 @@ def run(sizes=SIZES, quick: bool = False, out: str | Path = "results/kernels", l
     unfolded = quant.export(qmodel, fold_batchnorm=False)
     max_diff = _layerwise_difference(qmodel, unfolded, torch.randn(4, 1, 28, 28))
     agree = _top1_agreement(unfolded, packed, torch.randn(256, 1, 28, 28))
-    results = {"quick": quick, "threads": torch.get_num_threads(), "rows": rows, "model_size": sizes_row,
-               "export_max_abs_diff_vs_fake_quant": max_diff, "export_top1_agreement": agree,
-               "int_export": int_export_rows(quick, log)}
+    from lowbit.bench.weight_only import cpu_info, kernel_rows_passive
+
+    int_rows = int_export_rows(quick, log)
+    wo_rows, policy = kernel_rows_passive(quick=quick, log=log)
+    results = {"quick": quick, "threads": torch.get_num_threads(), "cpu": cpu_info(), "rows": rows,
+               "model_size": sizes_row, "export_max_abs_diff_vs_fake_quant": max_diff, "export_top1_agreement": agree,
+               "int_export": int_rows, "weight_only": {"omp_wait_policy": policy, "kernel_rows": wo_rows}}
     save_results(results, out, "kernels", table_markdown, plot, log)
     return results
 
 
+INT_BATCHES = (1, 8)
+
+
 @torch.no_grad()
 def int_export_rows(quick: bool = False, log=print) -> list[dict]:
-    """Float32 against the integer export (W8A8, W4A8 RTN) for a ResNet-18-class CNN and a BERT;
-    [] with a note when ``transformers`` is missing."""
+    """Float32 against the integer export (W8A8, W4A8 RTN) for a ResNet-18-class CNN (96 x 96
+    images) and a BERT (seq 128), "small" configs, at batch 1 and 8 ("tiny", batch 2 with
+    ``quick``); [] with a note when ``transformers`` is missing."""
     try:
         from lowbit.models.hf import hf_batch, hf_model
     except ImportError:  # pragma: no cover - needs the hf extra
         log("integer export rows skipped: needs `transformers` (pip install 'lowbit[hf]')")
         return []
     size = "tiny" if quick else "small"
+    batches = (2,) if quick else INT_BATCHES
     rows = []
-    for name, batch, seq in (("resnet18", 8, None), ("bert", 8, 32 if quick else 128)):
+    for name, seq in (("resnet18", None), ("bert", 32 if quick else 128)):
         torch.manual_seed(0)
         model = hf_model(name, size).eval()
         gen = torch.Generator().manual_seed(0)
         calib = next(iter(hf_batch(name, model, 32, seq, size, gen).values()))
-        x = next(iter(hf_batch(name, model, batch, seq, size, gen).values()))
+        xs = {b: next(iter(hf_batch(name, model, b, seq, size, gen).values())) for b in batches}
         for wb, ab in ((8, 8), (4, 8)):
             q = quant.ptq(model, calib, w_bits=wb, a_bits=ab, progress=False)
             e = quant.export(q)
-            diff = float((e(x).logits - q(x).logits).abs().max())
-            t_f, t_i = _paired_times(lambda: model(x), lambda: e(x), repeats=3 if quick else 5)
-            rows.append({"model": f"{name} ({size})", "config": f"W{wb}A{ab}", "batch": batch, "float_ms": 1e3 * t_f,
-                         "int_ms": 1e3 * t_i, "speedup": t_f / t_i, "max_abs_diff_vs_fake_quant": diff,
-                         "float32_bytes": quant.storage_bytes(model), "exported_bytes": quant.storage_bytes(e)})
-            log(f"{name} W{wb}A{ab} batch {batch}: float32 {1e3 * t_f:.1f} ms, integer export {1e3 * t_i:.1f} ms "
-                f"(x{t_f / t_i:.2f}), max |export - fake quant| {diff:.1e}")
+            for batch, x in xs.items():
+                diff = float((e(x).logits - q(x).logits).abs().max())
+                scale = float(q(x).logits.abs().max())
+                t_f, t_i = _paired_times(lambda: model(x), lambda: e(x), repeats=3 if quick else 7)
+                shape = f"{tuple(x.shape[1:])}"
+                rows.append({"model": f"{name} ({size})", "input": shape, "config": f"W{wb}A{ab}", "batch": batch,
+                             "float_ms": 1e3 * t_f, "int_ms": 1e3 * t_i, "speedup": t_f / t_i,
+                             "max_abs_diff_vs_fake_quant": diff, "output_max_abs": scale,
+                             "float32_bytes": quant.storage_bytes(model), "exported_bytes": quant.storage_bytes(e)})
+                log(f"{name} W{wb}A{ab} batch {batch}: float32 {1e3 * t_f:.1f} ms, integer export {1e3 * t_i:.1f} ms "
+                    f"(x{t_f / t_i:.2f}), max |export - fake quant| {diff:.1e} (outputs up to {scale:.2g})")
     return rows
 
 
@@ -183,15 +199,26 @@ def table_markdown(results: dict) -> str:
               f"({s['compression']:.1f}x smaller); largest |packed layer - fake-quantized layer| on the same "
               f"input: {results['export_max_abs_diff_vs_fake_quant']:.1e} (BatchNorm unfolded); BatchNorm folded: "
               f"same top-1 class as unfolded on {100 * results.get('export_top1_agreement', float('nan')):.1f}% of random inputs"
-            + _int_table(results.get("int_export", [])))
+            + _int_table(results.get("int_export", [])) + _weight_only_table(results))
+
+
+def _weight_only_table(results: dict) -> str:
+    wo = results.get("weight_only")
+    if not wo or not wo.get("kernel_rows"):
+        return ""
+    from lowbit.bench.weight_only import cpu_info, kernel_table_markdown
+
+    return ("\n\nweight-only kernels (packed 2-4-bit weights, float32 activations) against float32 F.linear:\n\n"
+            + kernel_table_markdown({"cpu": results.get("cpu") or cpu_info(), "kernel_rows": wo["kernel_rows"],
+                                     "omp_wait_policy": wo.get("omp_wait_policy")}))
 
 
 def _int_table(rows: list[dict]) -> str:
     if not rows:
         return ""
-    body = [[r["model"], r["config"], r["batch"], round(r["float_ms"], 2), round(r["int_ms"], 2), round(r["speedup"], 2),
+    body = [[r["model"] + (f" {r['input']}" if "input" in r else ""), r["config"], r["batch"], round(r["float_ms"], 2), round(r["int_ms"], 2), round(r["speedup"], 2),
              f"{r['max_abs_diff_vs_fake_quant']:.1e}", f"{r['float32_bytes'] / r['exported_bytes']:.1f}x"] for r in rows]
-    return "\n\ninteger export (post-training RTN, int8 GEMM) against float32:\n\n" + markdown_table(
+    return "\n\ninteger export (post-training RTN, int8 GEMM) against float32 (speedup = float32 / integer):\n\n" + markdown_table(
         ["model", "config", "batch", "float32 ms", "integer ms", "speedup ×", "max |export - fake quant|", "smaller"], body)
 
 

@@ -46,25 +46,28 @@ def _weight_codes(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor, int]:
 
 
 def _input_codes(iq, x: torch.Tensor) -> tuple[torch.Tensor, float, float]:
-    """(int8 codes c, a, b) with the fake-quantized input equal to a * c + b."""
+    """(int8 codes c, a, b) with the fake-quantized input equal to a * c + b. The codes are the
+    quantizer's own (same operations in the same order, so the same roundings); in-place on one
+    float work tensor, since this pass over the activations is what an integer layer pays on
+    top of its GEMM."""
     if isinstance(iq, LSQ):
         s = float(iq.step.detach().abs()) + 1e-12
         lo, hi = iq._range()
-        c = torch.round(torch.clamp(x / s, lo, hi))
+        v = torch.clamp(x / s, lo, hi).round_()
         if hi > 127:  # unsigned 8 bits: shift into int8
-            return (c - 128).to(torch.int8), s, 128 * s
-        return c.to(torch.int8), s, 0.0
+            return v.sub_(128).to(torch.int8), s, 128 * s
+        return v.to(torch.int8), s, 0.0
     n = 2**iq.bits - 1
-    lo, hi = float(iq.lo), float(iq.hi)
-    scale = max(hi - lo, 1e-12) / n
-    v = (torch.clamp(x, lo, hi) - lo) / scale
+    scale_t = (iq.hi - iq.lo).clamp_min(1e-12) / n  # as FixedUniform computes it
+    lo, hi, scale = float(iq.lo), float(iq.hi), float(scale_t)
+    v = torch.clamp(x, lo, hi).sub_(iq.lo).div_(scale_t)
     if isinstance(iq, BorderQuantizer):
         low = torch.floor(v)
         q = torch.clamp(low + (v - low >= iq.border(x)).to(x.dtype), 0, n)
     else:
-        q = torch.round(v)
+        q = v.round_()
     if n > 127:
-        return (q - 128).to(torch.int8), scale, lo + 128 * scale
+        return q.sub_(128).to(torch.int8), scale, lo + 128 * scale
     return q.to(torch.int8), scale, lo
 
 
@@ -134,6 +137,21 @@ class PackedIntLayer(nn.Module):
             self._corr[shape] = valid @ self.codes().float().T
         return self._corr[shape]
 
+    def _row_sums(self) -> torch.Tensor:
+        """[O]: each output channel's sum of weight codes (the offset b's share, cached)."""
+        if "rows" not in self._corr:
+            self._corr["rows"] = self.codes().float().sum(1)
+        return self._corr["rows"]
+
+    def _epilogue(self, acc: torch.Tensor, a: float, shift: torch.Tensor | None) -> torch.Tensor:
+        """s_w * (a * acc + shift) + bias for an int32 accumulator [..., O], in two passes: the
+        per-channel factor a * s_w and the constant s_w * shift + bias are folded first."""
+        y = acc.to(torch.float32).mul_(a * self.weight_scale)
+        const = None if shift is None else shift * self.weight_scale
+        if self.bias is not None:
+            const = self.bias if const is None else const + self.bias
+        return y if const is None else y.add_(const)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
         if self.kind == "conv1d":
@@ -141,18 +159,42 @@ class PackedIntLayer(nn.Module):
         if self.kind == "conv2d":
             return self._forward_conv(x)
         lead = x.shape[:-1]
-        x2 = x.reshape(-1, x.shape[-1])
         if self.input_quantizer is None:
-            w = (self.codes().float() * self.weight_scale[:, None]).to(dtype)
-            return F.linear(x, w, self.bias)
-        c, a, b = _input_codes(self.input_quantizer, x2)
-        y = a * int_matmul(c, self.codes()).to(torch.float32)
-        if b:
-            y = y + b * self.codes().float().sum(1)
-        y = y * self.weight_scale
-        if self.bias is not None:
-            y = y + self.bias
+            return F.linear(x, self._float_weight(dtype), self.bias)
+        c, a, b = _input_codes(self.input_quantizer, x.reshape(-1, x.shape[-1]))
+        y = self._epilogue(int_matmul(c, self.codes()), a, b * self._row_sums() if b else None)
         return y.to(dtype).reshape(*lead, -1)
+
+    def _float_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """The decoded weight [O, K] (weight-only layers; cached per dtype)."""
+        key = ("w", dtype)
+        if key not in self._corr:
+            self._corr[key] = (self.codes().float() * self.weight_scale[:, None]).to(dtype)
+        return self._corr[key]
+
+    def _conv_codes(self) -> torch.Tensor:
+        """int8 weight codes [O, kh * kw * C]: the taps in ``_im2col``'s order (cached)."""
+        if "hwc" not in self._corr:
+            o, ch, kh, kw = self.out_features, self.k // (self.kernel_size[0] * self.kernel_size[1]), *self.kernel_size
+            self._corr["hwc"] = self.codes().reshape(o, ch, kh, kw).permute(0, 2, 3, 1).reshape(o, -1).contiguous()
+        return self._corr["hwc"]
+
+    def _im2col(self, c: torch.Tensor) -> torch.Tensor:
+        """int8 codes [N, C, H, W] -> patches [N * H' * W', kh * kw * C], gathered channels-last
+        in int8 (each tap one strided slice with C contiguous: a quarter of float32's traffic and
+        no 6-d gather); zero codes in the padding, whose share of the offset ``_valid_sum``
+        corrects. Pairs with ``_conv_codes``."""
+        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = self.kernel_size, self.stride, self.padding, self.dilation
+        n, ch, h, w = c.shape
+        ho, wo = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+        c = c.permute(0, 2, 3, 1)  # NHWC (a view when the input is channels-last, as integer layers emit)
+        if ph or pw:
+            c = F.pad(c, (0, 0, pw, pw, ph, ph))
+        taps = [c[:, i * dh: i * dh + sh * (ho - 1) + 1: sh, j * dw: j * dw + sw * (wo - 1) + 1: sw]
+                for i in range(kh) for j in range(kw)]
+        if len(taps) == 1:
+            return taps[0].reshape(n * ho * wo, ch)
+        return torch.stack(taps, 3).reshape(n * ho * wo, kh * kw * ch)
 
     def _forward_conv(self, x: torch.Tensor) -> torch.Tensor:
         n, c_in, h, w = x.shape
@@ -160,17 +202,16 @@ class PackedIntLayer(nn.Module):
         (sh, sw), (ph, pw), (dh, dw) = self.stride, self.padding, self.dilation
         ho, wo = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
         if self.input_quantizer is None:
-            wt = (self.codes().float() * self.weight_scale[:, None]).reshape(self.out_features, c_in, kh, kw).to(x.dtype)
+            wt = self._float_weight(x.dtype).reshape(self.out_features, c_in, kh, kw)
             return F.conv2d(x, wt, self.bias, self.stride, self.padding, self.dilation)
         c, a, b = _input_codes(self.input_quantizer, x)
-        cols = F.unfold(c.to(torch.float32), (kh, kw), **self._conv_args())  # [N, K, L], codes exact in float
-        rows = cols.transpose(1, 2).reshape(n * ho * wo, -1).to(torch.int8)
-        y = a * int_matmul(rows, self.codes()).to(torch.float32).reshape(n, ho * wo, -1)
+        acc = int_matmul(self._im2col(c), self._conv_codes()).reshape(n, ho * wo, -1)
+        shift = None
         if b:
-            y = y + b * self._valid_sum((c_in, h, w))
-        y = y * self.weight_scale
-        if self.bias is not None:
-            y = y + self.bias
+            shift = self._row_sums() if (ph, pw) == (0, 0) else self._valid_sum((c_in, h, w))
+            shift = b * shift
+        y = self._epilogue(acc, a, shift)
+        # [N, H'W', O] -> [N, O, H', W'] as a channels-last view: no copy; the next layer reads it
         return y.reshape(n, ho, wo, -1).permute(0, 3, 1, 2).to(x.dtype)
 
 

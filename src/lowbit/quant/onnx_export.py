@@ -11,6 +11,7 @@ the file; its outputs match the fake-quantized model's up to float rounding.
 from __future__ import annotations
 
 import copy
+import inspect
 from pathlib import Path
 
 import torch
@@ -64,6 +65,16 @@ class _OnnxLayer(nn.Module):
         if isinstance(iq, LSQ) and iq.per_channel:
             raise ValueError(f"export_onnx: layer {name!r}: per-channel input steps have no QDQ form")
         codes, scale = _weight_codes(layer)
+        factors = getattr(layer.weight_quantizer, "factors", None)
+        # sign inputs x sign weights: as the fake-quantized layer computes it, the product of the
+        # +-1 codes (exact integers in float) scaled per output channel after, so later signs
+        # see the same bits (scaling the weights first rounds differently and flips near-zero signs)
+        self.scale_after = factors is not None and isinstance(iq, BinaryActivation)
+        if self.scale_after:
+            b, alpha = factors(layer.weight.detach())
+            codes = b.detach().round().to(torch.int8)
+            self.register_buffer("alpha", None if alpha is None else alpha.detach().float().reshape(-1).clone())
+            scale = torch.ones(codes.shape[0])
         self.register_buffer("codes", codes)
         self.register_buffer("scale", scale)
         self.register_buffer("zero", torch.zeros(scale.shape, dtype=torch.int8))
@@ -99,6 +110,8 @@ class _OnnxLayer(nn.Module):
             y = F.conv1d(xq, w, None, **self.conv)
         else:
             y = F.linear(xq, w)
+        if self.scale_after and self.alpha is not None:
+            y = y * (self.alpha if self.kind == "linear" else self.alpha.reshape(-1, *([1] * (y.dim() - 2))))
         if self.xnor:
             a = x.abs().mean(1, keepdim=True)
             if self.kind == "conv2d":
@@ -123,6 +136,35 @@ def onnx_ready(qmodel: nn.Module) -> nn.Module:
                              f"quantize without embeddings=True")
         set_submodule(model, name, _OnnxLayer(layer, name))
     return model.requires_grad_(False)
+
+
+class _FirstTensor(nn.Module):
+    """``model``'s first output tensor: a transformers ``ModelOutput`` (its logits when no labels
+    are given) or a tuple's first element; a tensor passes through. Token ids [batch, seq] go in
+    with an all-ones attention mask where the model takes one (what it assumes without a mask;
+    without it, transformers' masks look for packed sequences with ops ONNX does not have)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        try:
+            self.takes_mask = "attention_mask" in inspect.signature(model.forward).parameters
+        except (TypeError, ValueError):
+            self.takes_mask = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.takes_mask and x.dim() == 2 and not x.is_floating_point():
+            out = self.model(x, attention_mask=torch.ones_like(x))
+        else:
+            out = self.model(x)
+        while not torch.is_tensor(out):
+            if isinstance(out, dict):
+                out = next(v for v in out.values() if v is not None)
+            elif isinstance(out, (tuple, list)):
+                out = out[0]
+            else:
+                raise TypeError(f"export_onnx: the model returns {type(out).__name__}, not a tensor, tuple or dict")
+        return out
 
 
 def _to_int4(model_proto) -> int:
@@ -162,12 +204,19 @@ def _to_int4(model_proto) -> int:
 
 def export_onnx(qmodel: nn.Module, example_input: torch.Tensor, path: str | Path, int4: bool = True) -> Path:
     """Write ``qmodel`` (from ``quantize``: int8, int4, binary and ternary recipes) as an ONNX QDQ
-    graph to ``path`` (opset 21), traced on ``example_input``; the batch dimension is dynamic.
-    int4: weight codes in -8..7 stored as INT4 (two per byte), else INT8. Returns the path."""
+    graph to ``path`` (opset 21), traced on ``example_input``; the batch dimension is dynamic
+    (other dimensions, such as a transformer's sequence length, are those of the example).
+    transformers models (BERT, GPT-2, ...: ``example_input`` the token ids [batch, seq]) are
+    exported with their KV cache off, and the graph's one output is the model's first output
+    tensor (the logits). int4: weight codes in -8..7 stored as INT4 (two per byte), else INT8.
+    Returns the path."""
     import onnx
 
     path = Path(path)
-    ready = onnx_ready(qmodel)
+    ready = _FirstTensor(onnx_ready(qmodel))
+    cfg = getattr(ready.model, "config", None)
+    if getattr(cfg, "use_cache", None):  # a KV cache is state, not an output of one forward
+        cfg.use_cache = False
     import io
     import warnings
 

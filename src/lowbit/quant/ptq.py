@@ -78,7 +78,7 @@ def ptq(model: nn.Module, calib: torch.Tensor, w_bits: int | dict[str, int] = 4,
       layer's input (``BorderQuantizer``), learned per unit after the weights' rounding and kept
       where it lowers the unit's calibration error (see ``reconstruct``).
 
-    ``adaround`` passes options to ``reconstruct`` (iters, lr, reg, batch, seed). ``progress``:
+    ``adaround`` passes options to ``reconstruct`` (iters, border_iters, patience, lr, reg, batch, seed). ``progress``:
     a tqdm bar over the reconstruction steps of every unit (AdaRound / AQuant).
 
     Works on transformers models (GPT-2's Conv1D becomes a QuantLinear; calib holds token ids
@@ -123,7 +123,8 @@ def ptq(model: nn.Module, calib: torch.Tensor, w_bits: int | dict[str, int] = 4,
     if learn:  # units in model order: each sees the inputs produced by the already quantized ones
         units = find_units(qmodel, [n for n, _ in layers], granularity)
         iters = (adaround or {}).get("iters", DEFAULT_ITERS)
-        steps = len(units) * iters * (2 if method == "aquant" else 1)
+        b_iters = (adaround or {}).get("border_iters")
+        steps = len(units) * (iters + ((iters // 2 if b_iters is None else b_iters) if method == "aquant" else 0))
         with tqdm(total=steps, desc=f"ptq {method} ({len(units)} units)", unit="step", disable=not progress,
                   leave=False) as bar:
             fp = capture_all_unit_inputs(reference, [u for u, _ in units], inputs, batch_size)  # one float pass
@@ -136,7 +137,7 @@ def ptq(model: nn.Module, calib: torch.Tensor, w_bits: int | dict[str, int] = 4,
                 else:
                     x_q = capture_unit_inputs(qmodel, unit, inputs, batch_size)
                 reconstruct(qmodel.get_submodule(unit), reference.get_submodule(unit), x_fp, x_q,
-                            on_step=bar.update, **(adaround or {}))
+                            on_step=bar.update, target=x_fp.output, **(adaround or {}))
                 prev = (unit, x_q)
     qmodel.lowbit_recipe = {"name": f"ptq-{method}", "w_bits": w_bits, "a_bits": a_bits, "calibration": calibration,
                             "granularity": granularity if learn else None}

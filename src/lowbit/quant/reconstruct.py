@@ -19,7 +19,9 @@ from lowbit.quant.quantizers import BorderQuantizer, Quantizer
 
 _ZETA, _GAMMA = 1.1, -0.1  # AdaRound's stretch of the sigmoid, so h reaches exactly 0 and 1
 BORDER_LR_RATIO = 0.1
-DEFAULT_ITERS = 100  # optimisation steps per unit (and again for AQuant's borders): a 12-block BERT in minutes on 2 cores
+DEFAULT_ITERS = 60  # most optimisation steps per unit (AQuant's borders: half as many more)
+DEFAULT_PATIENCE = 2  # stop a stage after this many checks without a better hard-rounded error
+CHECK_EVERY = 10  # steps between two early-stopping checks
 
 
 def _h(v: torch.Tensor) -> torch.Tensor:
@@ -137,6 +139,7 @@ class UnitInputs:
         self.kwargs = {k: _merge([kw[k] for kw in kwargs], sizes) for k in kwargs[0]}
         if "use_cache" in self.kwargs:
             self.kwargs["use_cache"] = False
+        self.output: torch.Tensor | None = None  # the unit's own output on these rows, where recorded
 
     def __len__(self) -> int:
         return self.rows
@@ -196,8 +199,11 @@ def capture_all_unit_inputs(model: nn.Module, units: list[str], inputs: torch.Te
     """``capture_unit_inputs`` for every unit in one pass over the calibration set, with, per
     unit, whether its first input is the previous unit's output itself (the blocks of a stack
     feed each other directly), so the quantized model's inputs can be carried forward block to
-    block instead of re-running the model's prefix for every unit."""
+    block instead of re-running the model's prefix for every unit. Each unit's own float output
+    (the first element of a tuple) is kept as ``UnitInputs.output``, the reconstruction target,
+    so no unit is run again for it (a chained unit's output is the next unit's input: stored once)."""
     got: dict[str, tuple[list, list]] = {u: ([], []) for u in units}
+    outs: dict[str, list[torch.Tensor]] = {u: [] for u in units}
     chained = {u: i > 0 for i, u in enumerate(units)}
     last: dict[str, object] = {}
 
@@ -212,6 +218,7 @@ def capture_all_unit_inputs(model: nn.Module, units: list[str], inputs: torch.Te
     def post(u: str):
         def hook(mod, a, kw, out):
             last[u] = out[0] if isinstance(out, (tuple, list)) else out
+            outs[u].append(last[u].detach() if torch.is_tensor(last[u]) else None)
         return hook
 
     handles = []
@@ -235,13 +242,21 @@ def capture_all_unit_inputs(model: nn.Module, units: list[str], inputs: torch.Te
             raise RuntimeError(f"{u!r} did not run on every calibration batch with a tensor input: "
                                f"it cannot be reconstructed on its own")
         out[u] = (UnitInputs(a, kw), chained[u])
+    for i, u in enumerate(units):
+        nxt = units[i + 1] if i + 1 < len(units) else None
+        if nxt is not None and chained[nxt]:
+            out[u][0].output = out[nxt][0].x
+        elif outs[u] and all(torch.is_tensor(o) and o.dim() > 0 for o in outs[u]) \
+                and sum(o.shape[0] for o in outs[u]) == len(out[u][0]):
+            out[u][0].output = torch.cat(outs[u])
+        outs[u] = []
     return out
 
 
 def _with_first(x: UnitInputs, first: torch.Tensor) -> UnitInputs:
     """A copy of ``x`` whose first positional input is ``first`` [rows, ...]."""
     y = object.__new__(UnitInputs)
-    y.rows, y.kwargs = x.rows, x.kwargs
+    y.rows, y.kwargs, y.output = x.rows, x.kwargs, None
     y.args = (_PerSample(first),) + x.args[1:]
     return y
 
@@ -267,11 +282,11 @@ def _as_inputs(x) -> UnitInputs:
     return UnitInputs([(x,)], [{}])
 
 
-def default_rows(x: UnitInputs, positions: int = 1024, most: int = 64, least: int = 8) -> int:
+def default_rows(x: UnitInputs, positions: int = 512, most: int = 64, least: int = 8) -> int:
     """Calibration rows per reconstruction step: about ``positions`` output positions (tokens of
     a [rows, seq, hidden] input, pixels of a [rows, C, H, W] one) per step, between ``least`` and
-    ``most`` rows, so a step on a 128-token transformer block costs about what one on a small
-    image block does."""
+    ``most`` rows (a 128-token transformer block: the floor of 8 rows; 28 x 28 images: 8), so
+    a step on a transformer block costs about what one on a small image block does."""
     t = x.x
     per_row = t.shape[2] * t.shape[3] if t.dim() == 4 else (t.shape[1] if t.dim() == 3 else 1)
     return int(min(most, max(least, positions // max(per_row, 1))))
@@ -279,77 +294,163 @@ def default_rows(x: UnitInputs, positions: int = 1024, most: int = 64, least: in
 
 def reconstruct(unit_q: nn.Module, unit_fp: nn.Module, x_fp: torch.Tensor | UnitInputs, x_q: torch.Tensor | UnitInputs,
                 iters: int = DEFAULT_ITERS, lr: float = 1e-2, reg: float = 0.01, batch: int | None = None, seed: int = 0,
-                on_step: Callable[[], None] | None = None) -> float:
+                on_step: Callable[[], None] | None = None, border_iters: int | None = None,
+                patience: int = DEFAULT_PATIENCE, target: torch.Tensor | None = None) -> float:
     """Learn the rounding of every ``AdaRoundWeight`` and the border of every ``BorderQuantizer``
     inside ``unit_q`` so that unit_q(x_q) matches unit_fp(x_fp) (squared error summed per sample,
-    averaged over a batch of ``batch`` calibration rows; None: ``default_rows``, about 1024
-    positions per step). x_fp / x_q: the unit's first input [rows, ...] or everything it was
-    called with (``capture_unit_inputs``: masks, rotary embeddings). The float targets are
-    computed once. ``on_step`` is called after every optimisation step (progress bars).
+    averaged over a batch of ``batch`` calibration rows; None: ``default_rows``, about 512
+    positions per step and at least 8 rows). x_fp / x_q: the unit's first input [rows, ...] or everything it was
+    called with (``capture_unit_inputs``: masks, rotary embeddings). ``target``: unit_fp's output
+    on x_fp [rows, ...] when the caller already has it (``capture_all_unit_inputs`` records it);
+    otherwise it is computed once. ``on_step`` is called after every optimisation step (progress
+    bars). Only the rounding variables and borders take gradients: every other parameter of the
+    unit is frozen while it learns (restored after).
 
-    1. Weights: ``iters`` steps of the error plus reg * the rounding regulariser, beta annealed
-       from 20 to 2 after a 20% warm-up, which drives every h to 0 or 1; the activations are
-       rounded hard (borders at plain rounding, straight-through gradient), as at inference. Then
-       every weight is baked: its AdaRoundWeight is removed and ``weight`` holds the hard-rounded
-       values on the grid. Without borders this is AdaRound (BRECQ for whole blocks).
-    2. Borders (AQuant), the weights fixed: ``iters`` steps with a soft border that sharpens
-       (temperature 0.2 -> 0.01), then frozen hard. Learning borders and weights together would
-       fit the weights to the soft rounding, not to the hard one they meet at inference (it cost
-       up to a point of accuracy at W2A4). Guard: the borders are kept only if they lower the
-       error on the calibration rows against plain rounding, so the result is never worse there
-       than stage 1 alone.
+    1. Weights: at most ``iters`` steps of the error plus reg * the rounding regulariser, beta
+       annealed from 20 to 2 after a 20% warm-up, which drives every h to 0 or 1; the activations
+       are rounded hard (borders at plain rounding, straight-through gradient), as at inference.
+       Then every weight is baked: its AdaRoundWeight is removed and ``weight`` holds the
+       hard-rounded values on the grid. Without borders this is AdaRound (BRECQ for whole blocks).
+    2. Borders (AQuant), the weights fixed: at most ``border_iters`` steps (None: ``iters // 2``)
+       with a soft border that sharpens (temperature 0.2 -> 0.01), then frozen hard. Learning
+       borders and weights together would fit the weights to the soft rounding, not to the hard
+       one they meet at inference (it cost up to a point of accuracy at W2A4).
+
+    Both stages keep the best of their start (round to nearest; plain rounding) and what they
+    learned, judged by the error with *hard* rounding (what inference sees) on fixed check rows,
+    so the result is never worse there than round to nearest. The border stage also stops early:
+    every ``CHECK_EVERY`` steps it measures that error, keeps the best borders seen, and ends once
+    ``patience`` checks in a row bring no improvement (``patience=0``: never stop early). The
+    weights' stage runs in full: its hard error only falls once the annealed regulariser has
+    pushed the rounding to 0 / 1, in its last steps.
     Returns the final reconstruction error (hard rounding, a batch of calibration rows)."""
     x_fp, x_q = _as_inputs(x_fp), _as_inputs(x_q)
     if len(x_fp) != len(x_q) or len(x_fp) == 0:
         raise ValueError(f"x_fp and x_q must hold the same, non-zero number of rows, got {len(x_fp)} and {len(x_q)}")
+    if iters < 0 or patience < 0 or (border_iters is not None and border_iters < 0):
+        raise ValueError(f"iters, border_iters and patience must be >= 0, got {iters}, {border_iters}, {patience}")
     layers = [m for m in unit_q.modules() if isinstance(getattr(m, "weight_quantizer", None), AdaRoundWeight)]
     borders = [m for m in unit_q.modules() if isinstance(m, BorderQuantizer)]
     unit_fp.eval()
     unit_q.eval()
     gen = torch.Generator().manual_seed(seed)
     rows = min(batch or default_rows(x_q), len(x_fp))
-    with torch.no_grad():
-        chunk = 64
-        target_all = torch.cat([x_fp.call(unit_fp, torch.arange(i, min(i + chunk, len(x_fp))))
+    if target is None:
+        with torch.no_grad():
+            chunk = 64
+            target = torch.cat([x_fp.call(unit_fp, torch.arange(i, min(i + chunk, len(x_fp))))
                                 for i in range(0, len(x_fp), chunk)])
+    elif target.shape[0] != len(x_fp):
+        raise ValueError(f"target holds {target.shape[0]} rows, the inputs {len(x_fp)}")
+    target_all = target.detach()
+    check = torch.randperm(len(x_fp), generator=gen)[: max(rows, min(len(x_fp), 2 * rows))]
 
     def error(idx: torch.Tensor) -> torch.Tensor:
         return (x_q.call(unit_q, idx) - target_all[idx]).pow(2).flatten(1).sum(1).mean()
 
-    if layers:
-        warm = int(0.2 * iters)
-        with torch.enable_grad():
-            opt = torch.optim.Adam([m.weight_quantizer.v for m in layers], lr=lr)
-            for m in layers:
-                m.weight_quantizer.soft = True
-            for it in range(iters):
-                loss = error(torch.randint(0, len(x_fp), (rows,), generator=gen))
-                if it >= warm:
-                    beta = 20 - (20 - 2) * (it - warm) / max(iters - warm, 1)
-                    loss = loss + reg * sum(m.weight_quantizer.regulariser(beta) for m in layers)
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                if on_step is not None:
-                    on_step()
-        with torch.no_grad():
-            for m in layers:
-                m.weight_quantizer.soft = False
-                m.weight.copy_(m.weight_quantizer())
-                m.weight_quantizer = None
-    if borders:
-        _learn_borders(borders, error, len(x_fp), iters, lr * BORDER_LR_RATIO, rows, gen, on_step)
+    learned = {id(q.v) for q in (m.weight_quantizer for m in layers)} | {id(p) for b in borders for p in (b.a, b.b)}
+    frozen = [p for p in unit_q.parameters() if p.requires_grad and id(p) not in learned]
+    for p in frozen:  # no gradient for weights, biases, norms: only the rounding variables learn
+        p.requires_grad_(False)
+    try:
+        if layers:
+            _learn_rounding(layers, error, len(x_fp), iters, lr, reg, rows, gen, check, on_step)
+        if borders:
+            b_iters = iters // 2 if border_iters is None else border_iters
+            _learn_borders(borders, error, len(x_fp), b_iters, lr * BORDER_LR_RATIO, rows, gen, check, patience, on_step)
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
     with torch.no_grad():
         return float(error(torch.randint(0, len(x_fp), (rows,), generator=gen)))
 
 
-def _learn_borders(borders: list, error, n: int, iters: int, lr: float, rows: int, gen: torch.Generator,
-                   on_step: Callable[[], None] | None = None) -> None:
-    params = [p for b in borders for p in (b.a, b.b)]
+class _Best:
+    """Early stopping on the hard-rounded error of the check rows: remembers the best state of
+    ``params`` and counts the checks since it last improved."""
+
+    def __init__(self, params: list[torch.Tensor], error: Callable[[], float]):
+        self.params, self.error = params, error
+        self.best, self.state, self.stale = float("inf"), None, 0
+        self.update()
+
+    @torch.no_grad()
+    def update(self) -> None:
+        e = self.error()
+        if e < self.best * (1 - 1e-4):
+            self.best, self.state, self.stale = e, [p.detach().clone() for p in self.params], 0
+        else:
+            self.stale += 1
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        for p, v in zip(self.params, self.state):
+            p.copy_(v)
+
+
+def _learn_rounding(layers: list, error, n: int, iters: int, lr: float, reg: float, rows: int, gen: torch.Generator,
+                    check: torch.Tensor, on_step: Callable[[], None] | None) -> None:
+    """Stage 1 of ``reconstruct``: AdaRound's rounding variables, then baked into the weights.
+    The hard-rounded error only falls once the annealed regulariser has pushed h to 0 / 1 (the
+    last steps), so this stage runs its ``iters`` in full; the learned rounding is kept if it
+    beats round to nearest (the start) on the check rows."""
+    quantizers = [m.weight_quantizer for m in layers]
+    params = [q.v for q in quantizers]
+
+    def hard_error() -> float:
+        for q in quantizers:
+            q.soft = False
+        return float(error(check))
+
+    warm = int(0.2 * iters)
     with torch.enable_grad():
         for p in params:
             p.requires_grad_(True)
         opt = torch.optim.Adam(params, lr=lr)
+        best = _Best(params, hard_error)
+        for q in quantizers:
+            q.soft = True
+        for it in range(iters):
+            loss = error(torch.randint(0, n, (rows,), generator=gen))
+            if it >= warm:
+                beta = 20 - (20 - 2) * (it - warm) / max(iters - warm, 1)
+                loss = loss + reg * sum(q.regulariser(beta) for q in quantizers)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if on_step is not None:
+                on_step()
+    with torch.no_grad():
+        best.update()
+        best.restore()
+        for m in layers:
+            m.weight_quantizer.soft = False
+            m.weight.copy_(m.weight_quantizer())
+            m.weight_quantizer = None
+
+
+def _skip(on_step: Callable[[], None] | None, steps: int) -> None:
+    """Advance a progress bar over the steps an early stop saved."""
+    if on_step is not None:
+        for _ in range(steps):
+            on_step()
+
+
+def _learn_borders(borders: list, error, n: int, iters: int, lr: float, rows: int, gen: torch.Generator,
+                   check: torch.Tensor, patience: int = 0, on_step: Callable[[], None] | None = None) -> None:
+    """Stage 2 of ``reconstruct``: AQuant's border functions (the weights fixed)."""
+    params = [p for b in borders for p in (b.a, b.b)]
+
+    def hard_error() -> float:
+        for b in borders:
+            b.soft = False
+        return float(error(check))
+
+    with torch.enable_grad():
+        for p in params:
+            p.requires_grad_(True)
+        opt = torch.optim.Adam(params, lr=lr)
+        best = _Best(params, hard_error)  # zero borders: plain rounding
         for it in range(iters):
             for b in borders:
                 b.soft, b.tau = True, 0.2 * (0.05 ** (it / max(iters - 1, 1)))
@@ -359,16 +460,23 @@ def _learn_borders(borders: list, error, n: int, iters: int, lr: float, rows: in
             opt.step()
             if on_step is not None:
                 on_step()
+            if (it + 1) % CHECK_EVERY == 0 or it == iters - 1:
+                best.update()
+                if patience and best.stale >= patience and it < iters - 1:
+                    _skip(on_step, iters - it - 1)
+                    break
     with torch.no_grad():
         for b in borders:
             b.soft = False
         for p in params:
             p.requires_grad_(False)
-        check = torch.arange(min(n, 8 * rows))
-        learned = float(error(check))
+        best.restore()
+        # guard on more rows than the check: keep the borders only where they beat plain rounding
+        wide = torch.arange(min(n, 8 * rows))
+        learned = float(error(wide))
         kept = [(p, p.clone()) for p in params]
         for p in params:
             p.zero_()
-        if learned < float(error(check)):
+        if learned < float(error(wide)):
             for p, v in kept:
                 p.copy_(v)
