@@ -32,7 +32,7 @@ from numba import prange
 _CHUNK = 8  # weights per chunk: 8 codes of any width 2..8 fill whole bytes
 TILE = 64  # output rows per tile (a compile-time constant of the kernels)
 _SIXTEENTH = np.float32(1.0 / 16.0)
-_SIXTEEN = 16.0
+_SIXTEEN32 = np.float32(16.0)
 
 
 def row_bytes(k: int, bits: int) -> int:
@@ -132,16 +132,20 @@ def packed_linear_torch(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Te
 # product and partial sum is exact (the exactness tests use such inputs).
 # ----------------------------------------------------------------------------------------
 @numba.njit(parallel=True, fastmath=True, cache=True)
-def _gemv4_nb(xe, xd, xsum, qw, s, sz, group_bytes, out):  # pragma: no cover - compiled
-    """4 bits. xe [M, B]: the activation of each byte's low nibble; xd [M, B] = x_high - 16 * x_low
-    (zero past K); xsum [M, G] per-group activation sums; qw uint8 [tiles, B, TILE]; s, sz =
-    scale * zero float32 [G, tiles * TILE]; out float32 [M, tiles * TILE].
+def _gemv4_nb(x, qw, s, sz, group_size, out):  # pragma: no cover - compiled
+    """4 bits. x float32 [M, K8] zero-padded to a multiple of 8; qw uint8 [tiles, K8 / 2, TILE];
+    s, sz = scale * zero float32 [G, tiles * TILE]; out float32 [M, tiles * TILE].
 
-    A byte b = lo + 16 hi contributes lo * x_low + hi * x_high = b * x_low + hi * xd, so only the
-    high nibble is split out (in float arithmetic, exact on integers < 256: numba widens integer
-    ops to int64 lanes, which vectorise 4x narrower). Two bytes per pass halve the accumulator's
-    loads and stores, which otherwise cost as much as the arithmetic."""
-    m_rows, nb = xe.shape
+    A byte b = lo + 16 hi holds weights 2j (lo) and 2j + 1 (hi) and contributes
+    lo * x_2j + hi * x_2j+1 = b * x_2j + hi * (x_2j+1 - 16 x_2j), so only the high nibble is split
+    out (in float arithmetic, exact on integers < 256: numba widens integer ops to int64 lanes,
+    which vectorise 4x narrower). Two bytes per pass halve the accumulator's loads and stores,
+    which otherwise cost as much as the arithmetic. The activation terms and per-group sums are
+    formed here rather than by torch: at batch 1 a handful of small torch ops cost a tenth of the
+    whole product."""
+    m_rows, k8 = x.shape
+    nb = k8 // 2
+    group_bytes = group_size // 2
     g_count = s.shape[0]
     one = np.uint64(1)
     for t in prange(qw.shape[0]):
@@ -151,14 +155,17 @@ def _gemv4_nb(xe, xd, xsum, qw, s, sz, group_bytes, out):  # pragma: no cover - 
         for g in range(g_count):
             acc[:] = 0
             j0 = g * group_bytes
-            # bytes in pairs: a group (group_size / 2 bytes) and a row (ceil(K / 8) * 4 bytes) both
-            # hold a multiple of 4 bytes, so no group ends on an odd byte
-            for j in range(j0, min(j0 + group_bytes, nb), 2):
+            j1 = min(j0 + group_bytes, nb)
+            # bytes in pairs: a group (group_size / 2 bytes) and a row (K8 / 2 bytes) both hold a
+            # multiple of 4 bytes, so no group ends on an odd byte
+            for j in range(j0, j1, 2):
                 uj = np.uint64(j)
+                k0 = np.uint64(2 * j)
                 for m in range(m_rows):
                     um = np.uint64(m)
-                    a0, d0 = xe[um, uj], xd[um, uj]
-                    a1, d1 = xe[um, uj + one], xd[um, uj + one]
+                    a0, a1 = x[um, k0], x[um, k0 + np.uint64(2)]
+                    d0 = x[um, k0 + one] - _SIXTEEN32 * a0
+                    d1 = x[um, k0 + np.uint64(3)] - _SIXTEEN32 * a1
                     for i in range(TILE):
                         u = np.uint64(i)
                         b0 = np.float32(qw[t, uj, u])
@@ -167,7 +174,9 @@ def _gemv4_nb(xe, xd, xsum, qw, s, sz, group_bytes, out):  # pragma: no cover - 
                                        + (b1 * a1 + np.floor(b1 * _SIXTEENTH) * d1))
             for m in range(m_rows):
                 um = np.uint64(m)
-                xs = xsum[um, np.uint64(g)]
+                xs = np.float32(0.0)  # the group's activation sum: the zero term of every row
+                for kk in range(2 * j0, 2 * j1):
+                    xs += x[um, np.uint64(kk)]
                 for i in range(TILE):
                     u = np.uint64(i)
                     tot[um, u] += s[g, n0 + u] * acc[um, u] - sz[g, n0 + u] * xs
@@ -319,26 +328,24 @@ def packed_linear_cpu(x: torch.Tensor, qweight: torch.Tensor, s32: torch.Tensor,
     k8 = -(-k // _CHUNK) * _CHUNK
     x = x.contiguous()
     xp = F.pad(x, (0, k8 - k)) if k8 != k else x
-    # per-group activation sums: the zero term of every output row, computed once per call
-    xsum = F.pad(x, (0, g * group_size - k)).view(m, g, group_size).sum(-1)
     out = torch.empty(m, s32.shape[1], dtype=torch.float32)
     old = numba.get_num_threads()
-    numba.set_num_threads(threads or _kernel_threads(qweight.numel()))
+    want = threads or _kernel_threads(qweight.numel())
+    if want != old:  # each change costs a call into the thread pool: skip it when already set
+        numba.set_num_threads(want)
     try:
         if bits == 4:
-            xe = xp[:, 0::2].contiguous()
-            xd = xp[:, 1::2] - _SIXTEEN * xe
-            _gemv4_nb(xe.numpy(), xd.numpy(), xsum.numpy(), qweight.numpy(), s32.numpy(), sz32.numpy(),
-                      group_size // 2, out.numpy())
-        elif bits <= 3:
-            _gemv_narrow_nb(xp.numpy(), xsum.numpy(), qweight.numpy(), s32.numpy(), sz32.numpy(), bits, group_size,
-                            out.numpy())
+            _gemv4_nb(xp.numpy(), qweight.numpy(), s32.numpy(), sz32.numpy(), group_size, out.numpy())
         else:
-            _gemv_any_nb(xp.numpy(), xsum.numpy(), qweight.numpy(), s32.numpy(), sz32.numpy(), bits, group_size,
-                         out.numpy())
+            # per-group activation sums: the zero term of every output row, computed once per call
+            xg = F.pad(x, (0, g * group_size - k)) if g * group_size != k else x
+            xsum = xg.view(m, g, group_size).sum(-1)
+            kernel = _gemv_narrow_nb if bits <= 3 else _gemv_any_nb
+            kernel(xp.numpy(), xsum.numpy(), qweight.numpy(), s32.numpy(), sz32.numpy(), bits, group_size, out.numpy())
     finally:
-        numba.set_num_threads(old)
-    out = out[:, :n]
+        if want != old:
+            numba.set_num_threads(old)
+    out = out[:, :n] if out.shape[1] != n else out
     return out if bias is None else out + bias
 
 
