@@ -271,17 +271,17 @@ def test_frequency_split_in_small_chunks_keeps_the_error_and_the_layout(shape, d
 
 _WORKSPACE_CHILD = r"""
 import json, torch
-from lowbit.bench.memory import _peak_rss, _reset_peak, _rss, _trim
+from lowbit.bench.memory import peak_rss_bytes, reset_peak_rss, rss_bytes, trim_heap
 from lowbit.codecs import FrequencySplitCodec
 t = torch.relu(torch.randn(16, 64, 128, 128))  # 64 MiB
 codec = FrequencySplitCodec(hfc_bits=2)
 codec.decode(codec.encode(t[:1]))  # warm-up (kernel compilation)
-_trim(); before = _rss(); _reset_peak()
+trim_heap(); before = rss_bytes(); reset_peak_rss()
 p = codec.encode(t, group_size=16384)
-enc = _peak_rss() - before
-_trim(); before = _rss(); _reset_peak()
+enc = peak_rss_bytes() - before
+trim_heap(); before = rss_bytes(); reset_peak_rss()
 out = codec.decode(p)
-dec = _peak_rss() - before
+dec = peak_rss_bytes() - before
 print(json.dumps({"encode": enc, "decode": dec, "stored": p.nbytes, "size": t.numel() * 4}))
 """
 
@@ -295,9 +295,9 @@ def test_frequency_split_encodes_and_decodes_in_bounded_workspace():
     import subprocess
     import sys
 
-    from lowbit.bench.memory import _CHILD_ENV
+    from lowbit.bench.memory import CHILD_ENV
 
-    out = subprocess.run([sys.executable, "-c", _WORKSPACE_CHILD], env=dict(os.environ, **_CHILD_ENV),
+    out = subprocess.run([sys.executable, "-c", _WORKSPACE_CHILD], env=dict(os.environ, **CHILD_ENV),
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     r = json.loads(out.stdout.strip().splitlines()[-1])

@@ -73,7 +73,7 @@ def tabular_model(data, seed: int = 0, steps: int = 200, lr: float = 3e-3) -> tu
     return model, acc
 
 
-def _optimizer(model: nn.Module, lr: float, total_steps: int):
+def make_optimizer(model: nn.Module, lr: float, total_steps: int):
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(total_steps, 1), pct_start=0.15)
     return opt, sched
@@ -123,7 +123,7 @@ def train_classifier(
     """Train on (images [N, C, H, W], labels [N]); returns test accuracy and per-step records."""
     x, y = train
     total = total_steps(len(x), epochs, batch_size, max_steps)
-    opt, sched = _optimizer(model, lr, total)
+    opt, sched = make_optimizer(model, lr, total)
     result = TrainResult("accuracy", float("nan"))
     model.train()
     with tqdm(total=total, desc=desc, disable=not progress, leave=False) as bar:
@@ -182,7 +182,7 @@ def train_lm(
     desc: str = "train",
 ) -> TrainResult:
     """Next-character training on random windows; returns the validation loss."""
-    opt, sched = _optimizer(model, lr, steps)
+    opt, sched = make_optimizer(model, lr, steps)
     gen = torch.Generator().manual_seed(seed)
     result = TrainResult("val_loss", float("nan"))
     model.train()

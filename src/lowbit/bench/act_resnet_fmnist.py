@@ -136,13 +136,13 @@ def measure_memory(method: str, bits: float | None, cfg: dict, seed: int = 0, ti
     import os
     import subprocess
 
-    from lowbit.bench.memory import _CHILD_ENV
+    from lowbit.bench.memory import CHILD_ENV
 
     cmd = [sys.executable, "-m", "lowbit.bench.act_resnet_fmnist", "--memory-child", "--method", method,
            "--cfg", json.dumps(cfg), "--seed", str(seed)]
     if bits is not None:
         cmd += ["--bits", str(bits)]
-    out = subprocess.run(cmd, env=dict(os.environ, **_CHILD_ENV), capture_output=True, text=True, check=False,
+    out = subprocess.run(cmd, env=dict(os.environ, **CHILD_ENV), capture_output=True, text=True, check=False,
                          timeout=timeout)
     if out.returncode != 0:
         raise RuntimeError(f"memory child failed ({' '.join(cmd)}):\n{out.stderr[-2000:]}")
@@ -150,7 +150,7 @@ def measure_memory(method: str, bits: float | None, cfg: dict, seed: int = 0, ti
 
 
 def _memory_child(method: str, bits: float | None, cfg: dict, seed: int) -> dict:
-    from lowbit.bench.memory import _peak_rss, _reset_peak, _rss, _trim
+    from lowbit.bench.memory import peak_rss_bytes, reset_peak_rss, rss_bytes, trim_heap
 
     _set_threads(cfg.get("threads"))
     (x, y), _, _ = load_data({**cfg, "limit": cfg["batch_size"], "test_limit": 1}, quick=False, log=lambda *a: None)
@@ -162,15 +162,15 @@ def _memory_child(method: str, bits: float | None, cfg: dict, seed: int) -> dict
     can_peak = True
     for r in range(cfg["memory_repeats"] + 2):  # two warm-up steps: lazy allocations, gradients, GACT's widths
         gc.collect()
-        _trim()
-        before = _rss()
-        can_peak = _reset_peak() and can_peak
+        trim_heap()
+        before = rss_bytes()
+        can_peak = reset_peak_rss() and can_peak
         with act:
             loss = closure()
         gc.collect()
-        after = _rss()
+        after = rss_bytes()
         loss.backward()
-        top = _peak_rss() if can_peak else float("nan")
+        top = peak_rss_bytes() if can_peak else float("nan")
         del loss
         model.zero_grad(set_to_none=False)
         rep = act.report()

@@ -35,10 +35,10 @@ import torch.nn.functional as F
 
 from lowbit.bench.common import make_compressor
 
-_CHILD_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0", "MALLOC_ARENA_MAX": "1"}
+CHILD_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0", "MALLOC_ARENA_MAX": "1"}
 
 
-def _trim() -> None:
+def trim_heap() -> None:
     """Hand free heap pages back to the OS, so that what the next forward allocates shows in RSS."""
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
@@ -46,12 +46,12 @@ def _trim() -> None:
         pass
 
 
-def _rss() -> int:
+def rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def _reset_peak() -> bool:
+def reset_peak_rss() -> bool:
     """Reset the process's RSS high-water mark to its current RSS (Linux >= 4.0); False if not possible."""
     try:
         with open("/proc/self/clear_refs", "w") as f:
@@ -61,7 +61,7 @@ def _reset_peak() -> bool:
         return False
 
 
-def _peak_rss() -> int:
+def peak_rss_bytes() -> int:
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith("VmHWM:"):
@@ -87,7 +87,7 @@ def measure_held_memory(model: str, method: str, bits: float | None, batch_size:
         cmd += ["--vocab", str(vocab)]
     if train:
         cmd.append("--train")
-    env = dict(os.environ, **_CHILD_ENV)
+    env = dict(os.environ, **CHILD_ENV)
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False, timeout=timeout)
     if out.returncode != 0:
         raise RuntimeError(f"memory child failed ({' '.join(cmd)}):\n{out.stderr[-2000:]}")
@@ -146,14 +146,14 @@ def _child(args) -> dict:
     can_peak = True
     for r in range(args.repeats + 2):  # two warm-up steps: lazy allocations, gradients, kernel compilation
         gc.collect()
-        _trim()
+        trim_heap()
         if cuda:
             torch.cuda.synchronize()
             before = torch.cuda.memory_allocated()
             torch.cuda.reset_peak_memory_stats()
         else:
-            before = _rss()
-            can_peak = _reset_peak() and can_peak
+            before = rss_bytes()
+            can_peak = reset_peak_rss() and can_peak
         with act:
             loss = loss_closure()
         gc.collect()
@@ -161,15 +161,15 @@ def _child(args) -> dict:
             torch.cuda.synchronize()
             after, top = torch.cuda.memory_allocated(), torch.cuda.max_memory_allocated()
         else:
-            after = _rss()
-            top = _peak_rss() if can_peak else after
+            after = rss_bytes()
+            top = peak_rss_bytes() if can_peak else after
         rep = act.report()
         loss.backward()
         if cuda:
             torch.cuda.synchronize()
             step_top = torch.cuda.max_memory_allocated()
         else:
-            step_top = _peak_rss() if can_peak else float("nan")
+            step_top = peak_rss_bytes() if can_peak else float("nan")
         del loss
         model.zero_grad(set_to_none=False)
         act.step(loss_closure)  # GACT allocates its bits on the first step

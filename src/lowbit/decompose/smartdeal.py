@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from lowbit.quant.quantizers import Quantizer, _straight_through
+from lowbit.quant.quantizers import Quantizer, straight_through
 from lowbit.quant.layers import is_hf_conv1d
 from lowbit.fields import check_int, check_number
 from lowbit.quant.config import QuantConfig
@@ -128,7 +128,7 @@ class SmartDealWeight(Quantizer):
         return self.b.detach() * self.unit
 
     def forward(self, weight: torch.Tensor | None = None) -> torch.Tensor:
-        ce = _straight_through(self.effective_ce() * self.unit, self.ce)
+        ce = straight_through(self.effective_ce() * self.unit, self.ce)
         return (ce @ self.b).reshape(self.shape)
 
     def code_bits(self) -> int:

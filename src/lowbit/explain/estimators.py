@@ -13,7 +13,7 @@ import torch
 from lowbit.explain.value import ValueFunction
 
 
-def _all_masks(p: int) -> torch.Tensor:
+def coalition_masks(p: int) -> torch.Tensor:
     """[2^p, p] bool: row r holds the bits of r (player j in the coalition iff bit j of r)."""
     ints = torch.arange(2**p, dtype=torch.int64)
     return ((ints[:, None] >> torch.arange(p)) & 1).bool()
@@ -23,7 +23,7 @@ def _all_masks(p: int) -> torch.Tensor:
 def _masks_by_size(p: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(all masks [2^p, p], their sizes [2^p]), built once per p (read only: KernelSHAP's design
     selects rows from them for every instance)."""
-    masks = _all_masks(p)
+    masks = coalition_masks(p)
     return masks, masks.sum(1)
 
 

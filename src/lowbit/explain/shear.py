@@ -18,7 +18,7 @@ import math
 
 import torch
 
-from lowbit.explain.estimators import _all_masks
+from lowbit.explain.estimators import coalition_masks
 from lowbit.explain.value import Model, ValueFunction, model_output
 
 
@@ -153,7 +153,7 @@ def shear_shapley(v: ValueFunction, eta: torch.Tensor, budget: int, generator: t
     p = v.players
     k = cooperators_for_budget(budget, p)
     n = k + 1
-    sub = _all_masks(k)  # [2^k, k]; row r and row 2^k - 1 - r are complements
+    sub = coalition_masks(k)  # [2^k, k]; row r and row 2^k - 1 - r are complements
     sizes = sub.sum(1)
     weight = torch.tensor([1.0 / (n * math.comb(n - 1, int(s))) for s in sizes], dtype=torch.float64)
     half = 2 ** (k - 1) if k else 1

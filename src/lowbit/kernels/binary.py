@@ -45,7 +45,7 @@ def _popcount(typingctx, x):
 _PARALLEL_MIN = 1 << 16  # work items below which the serial twin runs (a parallel launch costs ~10-50 us)
 
 
-def _twins(fn, cache: bool = True, **options):
+def parallel_and_serial(fn, cache: bool = True, **options):
     """(parallel, serial) numba builds of one kernel body (prange is range in the serial one); the
     serial copy has its own qualified name so the two never share a cache entry. ``options`` go
     to both builds (e.g. fastmath)."""
@@ -79,7 +79,7 @@ def _pack_signs_nb(x, out):  # x float32 [R, K] -> out int64 [R, W]
             out[i, j] = word
 
 
-_PACK_SIGNS_NB = _twins(_pack_signs_nb)
+_PACK_SIGNS_NB = parallel_and_serial(_pack_signs_nb)
 
 
 def pack_signs_torch(x: torch.Tensor) -> torch.Tensor:
@@ -137,7 +137,7 @@ def _binary_mm_nb(a, b, k, out):  # a [M, W], b [N, W] int64 -> out int32 [M, N]
             out[i, j] = k - 2 * s
 
 
-_BINARY_MM_NB = _twins(_binary_mm_nb)
+_BINARY_MM_NB = parallel_and_serial(_binary_mm_nb)
 
 
 @numba.njit(parallel=True, cache=True)
@@ -247,7 +247,7 @@ def _gather_taps_nb(img, c, kh, kw, sh, sw, dh, dw, ph, pw, ho, wo, out):
                 bit += c
 
 
-_GATHER_TAPS_NB = _twins(_gather_taps_nb)
+_GATHER_TAPS_NB = parallel_and_serial(_gather_taps_nb)
 
 
 def gather_conv_taps(img: torch.Tensor, c: int, kernel_size, stride, padding, dilation, ho: int, wo: int) -> torch.Tensor:
@@ -277,7 +277,7 @@ def _epilogue_nb(acc, corr, per_pos, alpha, rscale, bias, out):
             out[r, j] = v * alpha[j] * s + bias[j]
 
 
-_EPILOGUE_NB = _twins(_epilogue_nb)
+_EPILOGUE_NB = parallel_and_serial(_epilogue_nb)
 
 
 def scale_epilogue(acc: torch.Tensor, alpha: torch.Tensor, corr: torch.Tensor | None = None, per_pos: int = 1,

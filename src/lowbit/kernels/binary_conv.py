@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from lowbit.kernels import popcount_gemm
-from lowbit.kernels.binary import _twins
+from lowbit.kernels.binary import parallel_and_serial
 
 GEOMETRY = ("c", "kh", "kw", "sh", "sw", "ph", "pw", "dh", "dw", "ho", "wo", "k", "xnor")  # geom's int64 fields
 CHUNK_ROWS = 96  # output rows per block: their gathered words and int32 sums stay in L1/L2
@@ -159,7 +159,7 @@ def _runners():
                     for j in range(o):
                         out[r0 + i, j] = np.float32(acc[i, j]) * alpha[j] * s + bias[j]
 
-    return _twins(run, cache=False, fastmath=True)
+    return parallel_and_serial(run, cache=False, fastmath=True)
 
 
 def binary_conv2d_nhwc(x: torch.Tensor, plan: ConvPlan, threads: int | None = None) -> torch.Tensor:

@@ -14,7 +14,7 @@ import numba
 import numpy as np
 import torch
 
-from lowbit.kernels.uniform import _pack_codes
+from lowbit.kernels.uniform import pack_codes_into
 
 _CHUNK = 1 << 16  # elements per parallel task (a multiple of 8: tasks own whole bytes)
 
@@ -59,7 +59,7 @@ def _encode_nb(flat, base, rmin, lut, bits, out):  # flat int64 [n] (rows of P =
                 buf[k + q] = lut[flat[s + k + q] - base[j + q] - rmin]
             k += seg
             j = 0
-        _pack_codes(buf, length, bits, out, s // per_byte)
+        pack_codes_into(buf, length, bits, out, s // per_byte)
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)

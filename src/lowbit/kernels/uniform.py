@@ -200,7 +200,7 @@ def _quantize_groups(x, group_size, bits, seed, stochastic, codes, meta, flags, 
                     buf[e - 1 - s] = _code(x[e - 1], m, inv, _dither_pair(seed, (e - 1) >> 1)[0], top, off, cut)
             else:
                 _nearest_codes(x[s:e], buf, m, inv, top, off, cut)
-            _pack_codes(buf, e - s, bits, codes, g * group_bytes)
+            pack_codes_into(buf, e - s, bits, codes, g * group_bytes)
 
 
 @numba.njit(inline="always")
@@ -332,7 +332,7 @@ def _code(v, m, inv, u, top, off, cut):
 
 
 @numba.njit(inline="always")
-def _pack_codes(buf, length, bits, out, start):
+def pack_codes_into(buf, length, bits, out, start):
     # One branch per width so each inner loop has a constant trip count the compiler unrolls.
     nbytes = (length * bits + 7) >> 3
     per_byte = 8 >> _log2_bits(bits)
@@ -411,7 +411,7 @@ def _pack_codes_nb(codes, bits, out):
         length = min(_PACK_CHUNK, n - s)
         buf = np.empty(_PACK_CHUNK + 8, np.uint8)
         buf[:length] = codes[s : s + length]
-        _pack_codes(buf, length, bits, out, s // per_byte)
+        pack_codes_into(buf, length, bits, out, s // per_byte)
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)

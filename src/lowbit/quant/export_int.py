@@ -23,7 +23,7 @@ from lowbit.kernels.int8 import int_matmul, pack_int4, unpack_int4
 from lowbit.quant.quantizers import LSQ, BorderQuantizer, FixedUniform
 
 
-def _weight_codes(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor, int]:
+def layer_weight_codes(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor, int]:
     """(int8 codes [O, ...], float32 scale [O], bits) of a quantized layer's weight, or raises
     ValueError when its weights are not k-bit codes times a per-channel scale."""
     wq = layer.weight_quantizer
@@ -75,7 +75,7 @@ def int_exportable(layer: nn.Module) -> bool:
     """Whether ``layer`` has k-bit (<= 8) weight codes and an input that is float or quantized
     to at most 8 bits by LSQ / FixedUniform / BorderQuantizer."""
     try:
-        _weight_codes(layer)
+        layer_weight_codes(layer)
     except ValueError:
         return False
     iq = layer.input_quantizer
@@ -89,7 +89,7 @@ class PackedIntLayer(nn.Module):
 
     def __init__(self, layer: nn.Module):
         super().__init__()
-        codes, scale, bits = _weight_codes(layer)
+        codes, scale, bits = layer_weight_codes(layer)
         self.kind = "conv2d" if isinstance(layer, nn.Conv2d) else "conv1d" if isinstance(layer, nn.Conv1d) else "linear"
         if self.kind != "linear":
             if layer.groups != 1:
@@ -220,7 +220,7 @@ class PackedIntEmbedding(nn.Module):
 
     def __init__(self, layer: nn.Module):
         super().__init__()
-        codes, scale, bits = _weight_codes(layer)
+        codes, scale, bits = layer_weight_codes(layer)
         self.bits, self.num_embeddings, self.embedding_dim = bits, codes.shape[0], codes.shape[1]
         self.padding_idx = layer.padding_idx
         self.register_buffer("weight_codes", pack_int4(codes) if bits <= 4 else codes.clone())

@@ -36,9 +36,9 @@ class _Dequantize(torch.autograd.Function):
         return g.op("DequantizeLinear", codes, scale, zero, axis_i=0)
 
 
-def _weight_codes(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+def layer_weight_codes(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     """(int8 codes, float32 per-channel scale) with quantized_weight == codes * scale."""
-    from lowbit.quant.export_int import _weight_codes as int_codes
+    from lowbit.quant.export_int import layer_weight_codes as int_codes
 
     wq = layer.weight_quantizer
     w = layer.quantized_weight().detach()
@@ -64,7 +64,7 @@ class _OnnxLayer(nn.Module):
                              f"supports LSQ (int8/int4 recipes) and binary inputs")
         if isinstance(iq, LSQ) and iq.per_channel:
             raise ValueError(f"export_onnx: layer {name!r}: per-channel input steps have no QDQ form")
-        codes, scale = _weight_codes(layer)
+        codes, scale = layer_weight_codes(layer)
         factors = getattr(layer.weight_quantizer, "factors", None)
         # sign inputs x sign weights: as the fake-quantized layer computes it, the product of the
         # +-1 codes (exact integers in float) scaled per output channel after, so later signs

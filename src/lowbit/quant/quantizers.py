@@ -274,7 +274,7 @@ class LSQ(Quantizer):
         return f"bits={self.bits}, per_channel={self.per_channel}"
 
 
-def _straight_through(value: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
+def straight_through(value: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
     """``value`` exactly in the forward, identity gradient to ``latent`` (value + (w - w) is exact,
     unlike w + (value - w))."""
     return value.detach() + (latent - latent.detach())
@@ -301,7 +301,7 @@ def _ternary(w: torch.Tensor, keep: torch.Tensor, per_channel: bool) -> torch.Te
     keepf = keep.to(w.dtype)
     alpha = (w.abs() * keepf).sum(dims, keepdim=True) / keepf.sum(dims, keepdim=True).clamp_min(1)
     t = torch.sign(w) * keepf * alpha
-    return _straight_through(t, w)
+    return straight_through(t, w)
 
 
 def _unit_channels(w: torch.Tensor) -> torch.Tensor:
@@ -488,9 +488,9 @@ class SparseBinaryWeight(Quantizer):
         dims = _channel_dims(w)
         alpha = (w * m).sum(dims, keepdim=True) / m.sum(dims, keepdim=True).clamp_min(1)
         if self.domain == "01":
-            return _straight_through(m * alpha, w)
+            return straight_through(m * alpha, w)
         beta = (w * (1 - m)).sum(dims, keepdim=True) / (1 - m).sum(dims, keepdim=True).clamp_min(1)
-        return _straight_through(beta + (alpha - beta) * m, w)
+        return straight_through(beta + (alpha - beta) * m, w)
 
     def num_scales(self, w: torch.Tensor) -> int:
         return w.shape[0] * (1 if self.domain == "01" else 2)

@@ -13,7 +13,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lowbit.quant.layers import penalty, quant_layers, set_progress
-from lowbit.train import TrainResult, _optimizer, epoch_batches, evaluate_classifier, total_steps
+from lowbit.train import TrainResult, make_optimizer, epoch_batches, evaluate_classifier, total_steps
 
 
 @contextmanager
@@ -59,7 +59,7 @@ def train_quantized(
     every width, ``vertical.once_loss``)."""
     x, y = train
     total = total_steps(len(x), epochs, batch_size)
-    opt, sched = _optimizer(model, lr, total)
+    opt, sched = make_optimizer(model, lr, total)
     if distill is None:
         distill = float(getattr(model, "lowbit_recipe", {}).get("distill", 0.0))
     names = [n for n, _ in quant_layers(model)] if (teacher is not None and distill > 0) else []

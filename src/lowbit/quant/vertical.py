@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lowbit.quant.quantizers import LSQ, Quantizer, _straight_through
+from lowbit.quant.quantizers import LSQ, Quantizer, straight_through
 
 STORE_BITS = 8
 MIN_BITS = 2
@@ -71,7 +71,7 @@ class VerticalWeight(Quantizer):
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         codes, scale = store_codes(w)
-        return _straight_through(decode(codes, scale, self.bits), w)
+        return straight_through(decode(codes, scale, self.bits), w)
 
     def num_scales(self, weight: torch.Tensor) -> int:
         return weight.shape[0]
