@@ -7,7 +7,7 @@ from pathlib import Path
 SRC = Path(__file__).resolve().parents[1] / "src"
 TOP = {"cli", "bench"}  # the product's surface: may import everything
 FAMILIES = {"act", "quant", "explain", "distributed", "decompose"}
-FOUNDATION = {"codecs", "kernels", "data", "models", "blocks", "argtypes", "checkpoints", "table", "fields"}
+FOUNDATION = {"codecs", "kernels", "data", "models", "blocks", "argtypes", "checkpoints", "table", "fields", "loop"}
 
 
 def _modules() -> dict[str, Path]:

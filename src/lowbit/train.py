@@ -2,9 +2,7 @@
 every compression method, so differences come from the method alone."""
 from __future__ import annotations
 
-import statistics
 import time
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -12,23 +10,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lowbit.act import ActivationCompressor, checkpoint_blocks
+from lowbit.loop import TrainResult, epoch_batches, evaluate_classifier, make_optimizer, total_steps  # noqa: F401  (re-exported)
 from lowbit.data import CharCorpus, load_fortunes
 from lowbit.models import MLP
-
-
-@dataclass
-class TrainResult:
-    metric_name: str  # "accuracy" (percent) or "val_loss"
-    metric: float
-    train_losses: list[float] = field(default_factory=list)
-    step_times: list[float] = field(default_factory=list)  # seconds per step, excluding GACT estimates
-    estimate_times: list[float] = field(default_factory=list)
-    report: dict = field(default_factory=dict)
-
-    @property
-    def median_step_time(self) -> float:
-        warm = self.step_times[min(5, len(self.step_times) - 1) :] if self.step_times else [float("nan")]
-        return statistics.median(warm)
 
 
 def make_compressor(method: str, bits: float | None, model: nn.Module, seed: int = 0) -> ActivationCompressor:
@@ -73,12 +57,6 @@ def tabular_model(data, seed: int = 0, steps: int = 200, lr: float = 3e-3) -> tu
     return model, acc
 
 
-def make_optimizer(model: nn.Module, lr: float, total_steps: int):
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(total_steps, 1), pct_start=0.15)
-    return opt, sched
-
-
 def _train_step(model, act, opt, sched, loss_fn, xb, yb, result: TrainResult) -> None:
     t0 = time.perf_counter()
     with act:
@@ -96,15 +74,6 @@ def _train_step(model, act, opt, sched, loss_fn, xb, yb, result: TrainResult) ->
     dt = time.perf_counter() - t1
     if dt > 1e-3:
         result.estimate_times.append(dt)
-
-
-@torch.no_grad()
-def evaluate_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000) -> float:
-    """Top-1 accuracy in percent."""
-    model.eval()
-    correct = sum(int((model(x[i : i + batch_size]).argmax(1) == y[i : i + batch_size]).sum()) for i in range(0, len(x), batch_size))
-    model.train()
-    return 100.0 * correct / max(len(x), 1)
 
 
 def train_classifier(
@@ -133,26 +102,6 @@ def train_classifier(
             bar.set_postfix(loss=f"{result.train_losses[-1]:.3f}")
     result.metric = evaluate_classifier(model, *test)
     return result
-
-
-def total_steps(n: int, epochs: int, batch_size: int, max_steps: int | None = None) -> int:
-    """Optimizer steps of ``epochs`` passes over ``n`` samples (capped at ``max_steps``)."""
-    total = epochs * ((n + batch_size - 1) // batch_size)
-    return total if max_steps is None else min(max_steps, total)
-
-
-def epoch_batches(n: int, epochs: int, batch_size: int, seed: int, total: int):
-    """Index tensors of the training batches: a seeded reshuffle per epoch, at most ``total``
-    batches. The same seed gives the same data order for every method."""
-    gen = torch.Generator().manual_seed(seed)
-    step = 0
-    for _ in range(epochs):
-        order = torch.randperm(n, generator=gen)
-        for i in range(0, n, batch_size):
-            if step >= total:
-                return
-            yield order[i : i + batch_size]
-            step += 1
 
 
 def _lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

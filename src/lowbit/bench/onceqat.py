@@ -17,7 +17,7 @@ from lowbit.bench.common import (
     save_results,
 )
 from lowbit.quant import vertical
-from lowbit.train import evaluate_classifier
+from lowbit.loop import evaluate_classifier
 
 DEFAULTS = {"epochs": 3, "limit": 10000, "test_limit": None, "batch_size": 128, "lr": 3e-3}
 QUICK = {"epochs": 1, "limit": 500, "test_limit": 300, "batch_size": 64, "lr": 5e-3}

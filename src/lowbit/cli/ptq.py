@@ -61,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
     from lowbit import quant
     from lowbit.models import reference_model
     from lowbit.table import markdown_table
-    from lowbit.train import evaluate_classifier
+    from lowbit.loop import evaluate_classifier
 
     methods = _methods(args.method) if isinstance(args.method, str) else args.method  # the default is a string
     widths = args.widths or quant.ALLOCATION_WIDTHS

@@ -61,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
     from lowbit import quant
     from lowbit.models import reference_model
     from lowbit.table import markdown_table
-    from lowbit.train import evaluate_classifier
+    from lowbit.loop import evaluate_classifier
 
     if args.recipe != "float" and args.recipe not in quant.RECIPES:
         raise UsageError(f"unknown recipe {args.recipe!r}: choose one of float, {', '.join(sorted(quant.RECIPES))}")

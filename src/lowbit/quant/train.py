@@ -13,7 +13,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lowbit.quant.layers import penalty, quant_layers, set_progress
-from lowbit.train import TrainResult, make_optimizer, epoch_batches, evaluate_classifier, total_steps
+from lowbit.loop import TrainResult, epoch_batches, evaluate_classifier, make_optimizer, total_steps
 
 
 @contextmanager
