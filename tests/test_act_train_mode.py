@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from _grad_helpers import grad as _grad
 from lowbit.act import ActivationCompressor
 from lowbit.act.gact import NORM_INPUT_MIN_BITS, TensorStat, allocate_bits
 from lowbit.act.probe import probe_groups, uses_batch_statistics
@@ -86,14 +87,7 @@ def test_train_mode_gact_gradient_cosine_on_a_bn_convnet():
 
     def grad(act=None) -> torch.Tensor:
         model.load_state_dict(state)  # running statistics too: every draw sees the same model
-        model.zero_grad(set_to_none=True)
-        if act is None:
-            loss = F.cross_entropy(model(x), y)
-        else:
-            with act:
-                loss = F.cross_entropy(model(x), y)
-        loss.backward()
-        return torch.cat([p.grad.reshape(-1) for p in model.parameters()]).double()
+        return _grad(model, lambda: F.cross_entropy(model(x), y), act).double()
 
     exact = grad()
     act = ActivationCompressor("gact", bits=2, model=model, min_numel=1024, probe_groups=2)
@@ -118,14 +112,7 @@ def test_resnet18_train_mode_gact_keeps_batchnorm_inputs_and_gradient():
 
     def grad(act=None) -> torch.Tensor:
         model.load_state_dict(state)
-        model.zero_grad(set_to_none=True)
-        if act is None:
-            loss = hf_loss(model, batch)
-        else:
-            with act:
-                loss = hf_loss(model, batch)
-        loss.backward()
-        return torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.grad is not None]).double()
+        return _grad(model, lambda: hf_loss(model, batch), act).double()
 
     exact = grad()
     out = {}
@@ -161,21 +148,16 @@ def test_transformer_norm_inputs_floor_and_block_positions_beat_uniform():
     assert position("transformer.h.0.attn") == position("transformer.h.1.attn") == "GPT2Block.attn"
     assert position("transformer.wte") is None
 
-    def grad(act):
-        model.zero_grad(set_to_none=True)
-        torch.manual_seed(7)
-        with act:
-            loss = hf_loss(model, batch)
-        loss.backward()
-        return torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.grad is not None])
+    def loss():
+        torch.manual_seed(7)  # the same dropout masks in every forward
+        return hf_loss(model, batch)
 
-    exact = grad(ActivationCompressor("none"))
+    exact = _grad(model, loss)
     cos = {}
     for method in ("uniform", "gact"):
         act = ActivationCompressor(method, bits=2, model=model)
         if method == "gact":
-            torch.manual_seed(7)
-            act.estimate(lambda: hf_loss(model, batch))
-        cos[method] = sum(float(F.cosine_similarity(grad(act), exact, dim=0)) for _ in range(3)) / 3
+            act.estimate(loss)
+        cos[method] = sum(float(F.cosine_similarity(_grad(model, loss, act), exact, dim=0)) for _ in range(3)) / 3
         act.close()
     assert cos["gact"] > cos["uniform"] + 0.03, cos
