@@ -1,18 +1,7 @@
 """Gradient helpers the activation-compression tests share."""
-import torch
 import torch.nn.functional as F
 
-
-def grad(model, loss_fn, act=None) -> torch.Tensor:
-    """Flattened parameter gradient of ``loss_fn()``, computed inside ``act`` when given."""
-    model.zero_grad(set_to_none=True)
-    if act is None:
-        loss = loss_fn()
-    else:
-        with act:
-            loss = loss_fn()
-    loss.backward()
-    return torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.grad is not None])
+from lowbit.loop import parameter_gradient as grad  # noqa: F401  (flattened parameter gradient, inside an optional act)
 
 
 def cos(a, b) -> float:

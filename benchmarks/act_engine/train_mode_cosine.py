@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from lowbit.act import ActivationCompressor
+from lowbit.loop import parameter_gradient
 from lowbit.models.hf import hf_batch, hf_loss, hf_model
 
 
@@ -41,14 +42,7 @@ def main() -> None:
 
     def grad(act=None) -> torch.Tensor:
         model.load_state_dict(state)
-        model.zero_grad()
-        if act is None:
-            loss = hf_loss(model, batch)
-        else:
-            with act:
-                loss = hf_loss(model, batch)
-        loss.backward()
-        return torch.cat([q.grad.reshape(-1) for q in model.parameters() if q.grad is not None]).double()
+        return parameter_gradient(model, lambda: hf_loss(model, batch), act).double()
 
     grad()
     t = time.perf_counter()

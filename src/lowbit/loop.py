@@ -3,6 +3,7 @@ benchmarks): a result record, the optimizer and schedule, the seeded batch order
 Nothing here knows about compression, so any family can use it without importing another."""
 from __future__ import annotations
 
+import contextlib
 import statistics
 from dataclasses import dataclass, field
 
@@ -58,3 +59,14 @@ def epoch_batches(n: int, epochs: int, batch_size: int, seed: int, total: int):
                 return
             yield order[i : i + batch_size]
             step += 1
+
+
+def parameter_gradient(model: nn.Module, loss_fn, act=None) -> torch.Tensor:
+    """The gradient of ``loss_fn()`` (a scalar loss from one forward of ``model``) with respect to
+    ``model``'s parameters, flattened into one vector (parameters without a gradient left out).
+    ``act``: a context manager the forward runs inside (an activation compressor), or None."""
+    model.zero_grad(set_to_none=True)
+    with act if act is not None else contextlib.nullcontext():
+        loss = loss_fn()
+    loss.backward()
+    return torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.grad is not None])

@@ -35,6 +35,7 @@ from lowbit.act import ActivationCompressor
 from lowbit.act.policy import Policy
 from lowbit.bench.memory import measure_held_memory
 from lowbit.codecs import FrequencySplitCodec, Packed, RawCodec
+from lowbit.loop import parameter_gradient
 from lowbit.train import train_classifier, train_lm
 
 DEFAULTS = {
@@ -56,14 +57,7 @@ def gradient_quality(model_name: str, method: str, bits, batch, loss_fn, draws: 
     x, y = batch["x"], batch["y"]
 
     def grad(act):
-        model.zero_grad(set_to_none=True)
-        if act is None:
-            loss = loss_fn(model(x), y)
-        else:
-            with act:
-                loss = loss_fn(model(x), y)
-        loss.backward()
-        return torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.grad is not None])
+        return parameter_gradient(model, lambda: loss_fn(model(x), y), act)
 
     exact = grad(None)
     act = make_compressor(method, bits, model, seed)
@@ -379,12 +373,8 @@ def _hf_grads(name: str, method: str, bits, cfg: dict, draws: int, seed: int) ->
     model.train()
 
     def grad(act) -> torch.Tensor:
-        model.zero_grad(set_to_none=True)
-        torch.manual_seed(seed + 7)
-        with act if act is not None else contextlib.nullcontext():
-            loss = loss_fn()
-        loss.backward()
-        return torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.grad is not None])
+        torch.manual_seed(seed + 7)  # the same dropout masks in every forward
+        return parameter_gradient(model, loss_fn, act)
 
     exact = grad(None)
     act = make_compressor(method, bits, model, seed)

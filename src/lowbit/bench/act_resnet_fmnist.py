@@ -30,6 +30,7 @@ from torch import nn
 
 from lowbit.act import ActivationCompressor
 from lowbit.bench.common import image_data, markdown_table, method_label, save_results, write_json
+from lowbit.loop import parameter_gradient
 
 NAME = "act-resnet-fmnist"
 OUT = "benchmarks/results/act-resnet-fmnist"
@@ -97,14 +98,7 @@ def train_mode_cosine(method: str, bits: float | None, cfg: dict, data, seed: in
 
     def grad(act: ActivationCompressor | None) -> torch.Tensor:
         model.load_state_dict(state)  # BatchNorm's running statistics too
-        model.zero_grad(set_to_none=True)
-        if act is None:
-            loss = F.cross_entropy(model(xb), yb)
-        else:
-            with act:
-                loss = F.cross_entropy(model(xb), yb)
-        loss.backward()
-        return torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.grad is not None]).double()
+        return parameter_gradient(model, lambda: F.cross_entropy(model(xb), yb), act).double()
 
     exact = grad(None)
     act = make_act(method, bits, model, seed)
