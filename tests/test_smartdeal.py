@@ -1,3 +1,7 @@
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -84,3 +88,40 @@ def test_smartdeal_config_validates_and_matches_the_string_form():
     a = quantize(model, SmartDealConfig(sparsity=0.25, iters=5))
     b = quantize(model, "smartdeal", sparsity=0.25, iters=5)
     assert torch.equal(a(x), b(x))
+
+
+def _run_fresh(code: str, extra_path: str | None = None) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    if extra_path:
+        env["PYTHONPATH"] = os.pathsep.join([extra_path, env.get("PYTHONPATH", "")])
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+
+
+def test_smartdeal_recipe_is_found_without_importing_decompose_first():
+    # a fresh interpreter: the recipe comes from the package's "lowbit.recipes" entry point
+    code = ("import sys, torch\nfrom lowbit import quant\nfrom lowbit.models import MLP\n"
+            "assert 'lowbit.decompose' not in sys.modules\n"
+            "q = quant.quantize(MLP(), 'smartdeal')\n"
+            "from lowbit.decompose import SmartDealWeight\n"
+            "assert any(isinstance(getattr(m, 'weight_quantizer', None), SmartDealWeight) for m in q.modules())\n"
+            "print(sorted(quant.RECIPES))")
+    out = _run_fresh(code)
+    assert out.returncode == 0, out.stderr
+    assert "'smartdeal'" in out.stdout
+
+
+def test_a_broken_recipe_plugin_warns_and_leaves_the_others(tmp_path):
+    # a real installed-distribution record on sys.path whose entry point names a missing module
+    info = tmp_path / "brokenplugin-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: brokenplugin\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[lowbit.recipes]\nbroken = no_such_module_here\n")
+    code = ("import warnings\nfrom lowbit import quant\n"
+            "with warnings.catch_warnings(record=True) as w:\n"
+            "    warnings.simplefilter('always')\n"
+            "    names = sorted(quant.RECIPES)\n"
+            "assert 'xnor' in names and 'smartdeal' in names and 'broken' not in names, names\n"
+            "print([str(x.message) for x in w])")
+    out = _run_fresh(code, str(tmp_path))
+    assert out.returncode == 0, out.stderr
+    assert "'broken'" in out.stdout and "no_such_module_here" in out.stdout

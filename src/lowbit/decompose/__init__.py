@@ -1,6 +1,6 @@
 """Weight re-modelling: SmartDeal (W = Ce . B, Ce sparse powers of two, B a small float basis).
 
-    sd = lowbit.decompose.smartdeal(trained_model, sparsity=0.5)   # also registers recipe "smartdeal"
+    sd = lowbit.decompose.smartdeal(trained_model, sparsity=0.5)   # = lowbit.quant.quantize(trained_model, "smartdeal", ...)
     lowbit.quant.train_quantized(sd, train, test)                  # fine-tune keeping the structure
 """
 from lowbit.decompose.smartdeal import (

@@ -12,6 +12,7 @@ sign() of it would be all +1). ``CONFIGS`` maps config type -> recipe, ``RECIPES
 from __future__ import annotations
 
 import copy
+import warnings
 import dataclasses
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -88,7 +89,68 @@ class Recipe:
         return self.make_config(overrides).options()
 
 
-RECIPES: dict[str, Recipe] = {}
+class RecipeRegistry(dict):
+    """Recipe name -> :class:`Recipe`. Recipes that live outside ``lowbit.quant`` (lowbit's own
+    ``smartdeal`` in ``lowbit.decompose``, or another package's) are declared as entry points
+    in the group ``lowbit.recipes`` (``name = "package.module"``) and imported on the first
+    lookup or listing, so ``quantize(model, "smartdeal")`` works without importing the module
+    first and ``lowbit.quant`` imports nothing from the packages above it."""
+
+    GROUP = "lowbit.recipes"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._loaded = False
+
+    def load_plugins(self) -> None:
+        if self._loaded:
+            return
+        self._loaded = True  # first: a plugin's own register_recipe call looks names up here
+        from importlib.metadata import entry_points
+
+        for ep in entry_points(group=self.GROUP):
+            if ep.name in dict.keys(self):
+                continue
+            try:
+                ep.load()
+            except Exception as e:  # a broken plugin must not take the built-in recipes down with it
+                warnings.warn(f"recipe {ep.name!r} from entry point {ep.value!r} could not be loaded: "
+                              f"{type(e).__name__}: {e}", RuntimeWarning, stacklevel=3)
+
+    def __getitem__(self, name: str) -> Recipe:
+        self.load_plugins()
+        return super().__getitem__(name)
+
+    def __contains__(self, name: object) -> bool:
+        self.load_plugins()
+        return super().__contains__(name)
+
+    def get(self, name, default=None):
+        self.load_plugins()
+        return super().get(name, default)
+
+    def __iter__(self):
+        self.load_plugins()
+        return super().__iter__()
+
+    def __len__(self) -> int:
+        self.load_plugins()
+        return super().__len__()
+
+    def keys(self):
+        self.load_plugins()
+        return super().keys()
+
+    def values(self):
+        self.load_plugins()
+        return super().values()
+
+    def items(self):
+        self.load_plugins()
+        return super().items()
+
+
+RECIPES: RecipeRegistry = RecipeRegistry()
 CONFIGS: dict[type[QuantConfig], Recipe] = {}
 
 
@@ -121,7 +183,7 @@ def register_recipe(name: str, description: str, defaults: dict | None = None, *
         if not (isinstance(cfg, type) and issubclass(cfg, QuantConfig)):
             raise TypeError(f"register_recipe({name!r}): config must be a QuantConfig subclass, got {cfg!r}")
         rec = Recipe(name, description, fn, cfg, finish=finish, **flags)
-        old = RECIPES.get(name)
+        old = dict.get(RECIPES, name)
         if old is not None:
             CONFIGS.pop(old.config, None)
         RECIPES[name] = rec
