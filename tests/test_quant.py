@@ -416,7 +416,7 @@ def test_every_recipe_learns_on_real_data(recipe):
 def test_export_matches_fake_quantized_model(recipe, kw, batch, fused, monkeypatch):
     import importlib
 
-    export_module = importlib.import_module("lowbit.quant.export")
+    export_module = importlib.import_module("lowbit.quant.packed_binary")
     monkeypatch.setattr(export_module, "FUSED", fused)
     torch.manual_seed(0)
     q = quant.quantize(ResNet(widths=(8, 16, 96)), recipe, **kw)  # 96 channels: neither divides nor is a multiple of 64
@@ -465,7 +465,7 @@ def test_export_saves_loads_and_is_small(tmp_path):
     exported = quant.export(q)  # BatchNorms folded: smaller still
     assert quant.storage_bytes(model) / quant.storage_bytes(exported) > 20
     assert quant.model_size(exported).packed_bytes < size.packed_bytes
-    assert "PackedBinaryLayer" in quant.summary(exported)
+    assert "PackedBinaryConv2d" in quant.summary(exported)
     torch.save(exported.state_dict(), tmp_path / "packed.pt")
     fresh = quant.export(quant.quantize(ResNet(), "xnor"))
     fresh.load_state_dict(torch.load(tmp_path / "packed.pt", weights_only=True))

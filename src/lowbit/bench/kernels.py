@@ -28,7 +28,7 @@ from lowbit import quant
 from lowbit.bench.common import markdown_table, save_results
 from lowbit.kernels.binary import binary_matmul, pack_signs
 from lowbit.models import ResNet
-from lowbit.quant.export import PackedBinaryLayer
+from lowbit.quant.packed_binary import PackedBinaryLayer
 
 SIZES = (256, 512, 1024, 2048, 4096)
 
