@@ -19,14 +19,15 @@ _EXPORTS = {
     "allreduce_gradients": "gradcomp",
     "init_from_env": "launch", "run_rank": "launch", "spawn_local": "launch",
     "ExampleMemory": "memory",
-    "PipelineConfig": "pipeline", "PipelineError": "pipeline", "batch_ids": "pipeline", "cut_layers": "pipeline",
-    "merge_results": "pipeline", "train_pipeline": "pipeline", "train_single": "pipeline",
+    "PipelineConfig": "config", "PipelineError": "config", "batch_ids": "schedule", "cut_layers": "schedule",
+    "total_steps": "schedule", "merge_results": "results", "Stage": "stage", "train_pipeline": "pipeline",
+    "train_single": "pipeline",
     "CharLMTask": "task", "PipelineTask": "task",
 }
 
 __all__ = ["PipelineConfig", "PipelineError", "PipelineTask", "CharLMTask", "ActivationChannel", "GradientChannel",
            "ExampleMemory", "MODES", "spawn_local", "init_from_env", "run_rank", "train_pipeline", "train_single",
-           "cut_layers", "batch_ids", "merge_results", "allreduce_gradients", "parse_bandwidth", "transfer_time",
+           "cut_layers", "batch_ids", "total_steps", "Stage", "merge_results", "allreduce_gradients", "parse_bandwidth", "transfer_time",
            "simulated_step_time"]
 
 

@@ -91,7 +91,7 @@ def build(args: argparse.Namespace):
     if args.resume:
         check_resume(args.checkpoint_dir, [int(os.environ["RANK"])] if _under_torchrun()
                      else list(range(args.stages * args.replicas)))
-    from lowbit.distributed.pipeline import PipelineConfig  # torch: only after the checks above
+    from lowbit.distributed.config import PipelineConfig  # torch: only after the checks above
     from lowbit.distributed.task import CharLMTask
 
     try:

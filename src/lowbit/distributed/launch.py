@@ -18,7 +18,8 @@ import traceback
 import torch
 import torch.distributed as dist
 
-from lowbit.distributed.pipeline import PipelineConfig, PipelineError, train_pipeline
+from lowbit.distributed.config import PipelineConfig, PipelineError
+from lowbit.distributed.pipeline import train_pipeline
 from lowbit.distributed.task import PipelineTask
 
 _PEER_LOST = ("Connection closed by peer", "Connection reset", "Timed out", "timed out", "Broken pipe", "Connection refused")
