@@ -131,6 +131,34 @@ def packed_linear_torch(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Te
 # reassociates float sums: equal to the reference within float32 rounding, bit-equal when every
 # product and partial sum is exact (the exactness tests use such inputs).
 # ----------------------------------------------------------------------------------------
+# Pieces every kernel shares, inlined into each at numba's IR level (no call in the hot loop).
+@numba.njit(inline="always", cache=True)
+def _fold_group(tot, acc, s, sz, g, n0, um, xs):  # pragma: no cover - compiled
+    """tot[m] += scale_g * (sum_k code_k x_k) - scale_g * zero_g * (sum_k x_k), along a tile."""
+    for i in range(TILE):
+        u = np.uint64(i)
+        tot[um, u] += s[g, n0 + u] * acc[um, u] - sz[g, n0 + u] * xs
+
+
+@numba.njit(inline="always", cache=True)
+def _store_tile(out, tot, n0):  # pragma: no cover - compiled
+    for m in range(tot.shape[0]):
+        for i in range(TILE):
+            out[m, n0 + np.uint64(i)] = tot[m, i]
+
+
+@numba.njit(inline="always", cache=True)
+def _multiply_chunk(acc, codes, x, k0):  # pragma: no cover - compiled
+    """acc[m] += sum over the chunk's 8 weights of codes[kk] * x[m, k0 + kk], for every row m."""
+    for m in range(acc.shape[0]):
+        um = np.uint64(m)
+        for kk in range(8):
+            xk = x[um, k0 + np.uint64(kk)]
+            for i in range(TILE):
+                u = np.uint64(i)
+                acc[um, u] += codes[kk, u] * xk
+
+
 @numba.njit(parallel=True, fastmath=True, cache=True)
 def _gemv4_nb(x, qw, s, sz, group_size, out):  # pragma: no cover - compiled
     """4 bits. x float32 [M, K8] zero-padded to a multiple of 8; qw uint8 [tiles, K8 / 2, TILE];
@@ -177,12 +205,8 @@ def _gemv4_nb(x, qw, s, sz, group_size, out):  # pragma: no cover - compiled
                 xs = np.float32(0.0)  # the group's activation sum: the zero term of every row
                 for kk in range(2 * j0, 2 * j1):
                     xs += x[um, np.uint64(kk)]
-                for i in range(TILE):
-                    u = np.uint64(i)
-                    tot[um, u] += s[g, n0 + u] * acc[um, u] - sz[g, n0 + u] * xs
-        for m in range(m_rows):
-            for i in range(TILE):
-                out[m, n0 + np.uint64(i)] = tot[m, i]
+                _fold_group(tot, acc, s, sz, g, n0, um, xs)
+        _store_tile(out, tot, n0)
 
 
 @numba.njit(parallel=True, fastmath=True, cache=True)
@@ -235,22 +259,11 @@ def _gemv_narrow_nb(x, xsum, qw, s, sz, bits, group_size, out):  # pragma: no co
                     codes[0, u], codes[1, u], codes[2, u] = v - lev * h1, h1 - lev * h2, h2 - lev * h3
                     codes[3, u], codes[4, u], codes[5, u] = h3 - lev * h4, h4 - lev * h5, h5 - lev * h6
                     codes[6, u], codes[7, u] = h6 - lev * h7, h7
-                for m in range(m_rows):
-                    um = np.uint64(m)
-                    for kk in range(8):
-                        xk = x[um, k0 + np.uint64(kk)]
-                        for i in range(TILE):
-                            u = np.uint64(i)
-                            acc[um, u] += codes[kk, u] * xk
+                _multiply_chunk(acc, codes, x, k0)
             for m in range(m_rows):
                 um = np.uint64(m)
-                xs = xsum[um, np.uint64(g)]
-                for i in range(TILE):
-                    u = np.uint64(i)
-                    tot[um, u] += s[g, n0 + u] * acc[um, u] - sz[g, n0 + u] * xs
-        for m in range(m_rows):
-            for i in range(TILE):
-                out[m, n0 + np.uint64(i)] = tot[m, i]
+                _fold_group(tot, acc, s, sz, g, n0, um, xsum[um, np.uint64(g)])
+        _store_tile(out, tot, n0)
 
 
 @numba.njit(parallel=True, fastmath=True, cache=True)
@@ -282,22 +295,11 @@ def _gemv_any_nb(x, xsum, qw, s, sz, bits, group_size, out):  # pragma: no cover
                     for i in range(TILE):
                         u = np.uint64(i)
                         codes[k, u] = np.float32((v[u] >> (bits * k)) & mask)
-                for m in range(m_rows):
-                    um = np.uint64(m)
-                    for k in range(8):
-                        xk = x[um, np.uint64(c * 8 + k)]
-                        for i in range(TILE):
-                            u = np.uint64(i)
-                            acc[um, u] += codes[k, u] * xk
+                _multiply_chunk(acc, codes, x, np.uint64(c * 8))
             for m in range(m_rows):
                 um = np.uint64(m)
-                xs = xsum[um, np.uint64(g)]
-                for i in range(TILE):
-                    u = np.uint64(i)
-                    tot[um, u] += s[g, n0 + u] * acc[um, u] - sz[g, n0 + u] * xs
-        for m in range(m_rows):
-            for i in range(TILE):
-                out[m, n0 + np.uint64(i)] = tot[m, i]
+                _fold_group(tot, acc, s, sz, g, n0, um, xsum[um, np.uint64(g)])
+        _store_tile(out, tot, n0)
 
 
 def kernel_params(scales: torch.Tensor, zeros: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
