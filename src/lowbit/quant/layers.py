@@ -75,16 +75,21 @@ class QuantMixin:
         return None if self.weight_quantizer is None else self.weight_quantizer.penalty(self.weight)
 
 
+def _conv_from_float(cls, conv: nn.Module, quant: dict) -> nn.Module:
+    """A quantized ``cls`` (QuantConv1d / QuantConv2d) with ``conv``'s geometry and parameters."""
+    if conv.padding_mode != "zeros":
+        raise ValueError(f"{cls.__name__} supports padding_mode='zeros' only, got {conv.padding_mode!r}")
+    q = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+            conv.groups, conv.bias is not None, device=conv.weight.device, dtype=conv.weight.dtype, **quant)
+    return q._copy_params_from(conv)
+
+
 class QuantConv2d(QuantMixin, nn.Conv2d):
     """nn.Conv2d whose forward is conv(input_quantizer(x), quantized_weight()); x: [N, C, H, W]."""
 
     @classmethod
     def from_float(cls, conv: nn.Conv2d, **quant) -> "QuantConv2d":
-        if conv.padding_mode != "zeros":
-            raise ValueError(f"QuantConv2d supports padding_mode='zeros' only, got {conv.padding_mode!r}")
-        q = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
-                conv.groups, conv.bias is not None, device=conv.weight.device, dtype=conv.weight.dtype, **quant)
-        return q._copy_params_from(conv)
+        return _conv_from_float(cls, conv, quant)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._apply_quant(x, lambda a, w: F.conv2d(a, w, None, self.stride, self.padding, self.dilation, self.groups))
@@ -95,13 +100,9 @@ class QuantConv1d(QuantMixin, nn.Conv1d):
 
     @classmethod
     def from_float(cls, conv: nn.Conv1d, **quant) -> "QuantConv1d":
-        if conv.padding_mode != "zeros":
-            raise ValueError(f"QuantConv1d supports padding_mode='zeros' only, got {conv.padding_mode!r}")
         if isinstance(conv.padding, str):
             raise ValueError(f"QuantConv1d needs a numeric padding, got padding={conv.padding!r}")
-        q = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
-                conv.groups, conv.bias is not None, device=conv.weight.device, dtype=conv.weight.dtype, **quant)
-        return q._copy_params_from(conv)
+        return _conv_from_float(cls, conv, quant)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._apply_quant(x, lambda a, w: F.conv1d(a, w, None, self.stride, self.padding, self.dilation, self.groups))
