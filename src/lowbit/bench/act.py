@@ -507,7 +507,7 @@ def hf_table(results: dict) -> str:
         trows = [[f"gpt2 seq {t['seq']} vocab {t['vocab']} batch {t['batch']}", t["label"],
                   round(t["held_bytes"] / 2**20), round(t["step_peak_bytes"] / 2**20), round(t["peak_of_plain"], 2)]
                  for t in results["targets"]]
-        text += "\n\nStep peak where the issue is hardest (train mode):\n\n" + markdown_table(
+        text += "\n\nStep peak of the GPT-2 shapes where logits or held activations dominate (train mode):\n\n" + markdown_table(
             ["config", "method", "held MiB", "step peak MiB", "peak / plain"], trows)
     return text
 

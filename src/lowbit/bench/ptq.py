@@ -2,7 +2,7 @@
 Fashion-MNIST, the same calibration samples for every row.
 
 Part 1, methods: W8A8 ... W2A2 for rtn, adaround and aquant: test accuracy, difference to float,
-calibration time; then the issue's checks (W8A8 within 0.5 points; AQuant >= AdaRound per cell).
+calibration time; then the checks (W8A8 within 0.5 points; AQuant >= AdaRound per cell).
 Part 2, mixed precision: per-layer widths allocated under an average-bits budget from two
 sensitivities, HAWQ's Hessian trace x perturbation and ZeroQ's output KL divergence, against
 uniform widths and a random allocation of the same budget (weights only, 8-bit activations), with
@@ -34,7 +34,7 @@ SENSITIVITIES = ("hessian", "kl")  # how the mixed-precision allocation measures
 PARTS = ("methods", "mixed")
 DEFAULTS = {"epochs": 2, "calib": 512, "limit": None, "test_limit": None, "iters": 500}
 QUICK = {"epochs": 1, "calib": 64, "limit": 600, "test_limit": 300, "iters": 20}
-W8A8_TOLERANCE = 0.5  # points of accuracy (issue 8)
+W8A8_TOLERANCE = 0.5  # points of accuracy
 
 
 def random_allocation(sizes: dict[str, int], widths, average_bits: float, seed: int = 0) -> dict[str, int]:
