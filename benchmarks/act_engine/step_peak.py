@@ -34,7 +34,7 @@ def _child(method: str, vocab: int, batch: int) -> dict:
 
     from lowbit.models.hf import hf_loss
 
-    torch.manual_seed(0)  # the GPT-2 shape: 4 layers, d=256, 4 heads, seq 512
+    torch.manual_seed(0)  # a small GPT-2 shape: 4 layers, d=256, 4 heads, seq 512
     cfg = transformers.GPT2Config(n_layer=4, n_embd=256, n_head=4, vocab_size=vocab, n_positions=512,
                                   bos_token_id=vocab - 1, eos_token_id=vocab - 1)
     model = transformers.GPT2LMHeadModel(cfg)
