@@ -206,13 +206,25 @@ def test_gact_beats_uniform_at_equal_memory():
         return sum(float((_grad(model, loss, act) - exact).pow(2).sum()) for _ in range(draws)) / draws
 
     uni = ActivationCompressor("uniform", bits=2, model=model, min_numel=256)
-    gact = ActivationCompressor("gact", bits=2, model=model, min_numel=256)
+    gact = ActivationCompressor("gact", bits=2, model=model, min_numel=256, meta_bits=None)  # widths only
     gact.estimate(loss)
     alloc = gact.bit_allocation
     assert len(set(alloc.values())) > 1
     e_uni, e_gact = err(uni), err(gact)
     assert gact.report().stored_bytes <= uni.report().stored_bytes * 1.05  # same memory
     assert e_gact < 0.5 * e_uni
+    # finer groups for the most sensitive 2-bit tensors, within the metadata allowance
+    finer = ActivationCompressor("gact", bits=2, model=model, min_numel=256, meta_bits=1.0)
+    finer.estimate(loss)
+    assert finer.policy.groups and finer.bit_allocation == alloc
+    e_finer = err(finer)
+    stats = finer.policy.stats
+    n = sum(s.numel for s in stats.values())
+    meta = sum(s.numel * 32 / finer.policy.groups.get(i, max(s.rsq_groups)) for i, s in stats.items())
+    assert meta <= 1.0 * n
+    extra = (finer.report().stored_bytes - gact.report().stored_bytes) / 4  # per forward (err draws 4)
+    assert 0 < extra <= n / 8  # at most 1 bit more per element
+    assert e_finer < e_gact
 
 
 def test_gact_step_reestimates_on_interval():

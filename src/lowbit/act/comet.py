@@ -36,9 +36,10 @@ class CometPolicy(GactPolicy):
 
     def __init__(self, bits: float | None = None, tolerance: float = 0.2, init_eb: float = 0.01, interval: int = 100,
                  probe_bits: int | None = 4, probe_draws: int = 1, max_probes: int = 16, momentum: float = 0.5,
-                 level: int = 1, calibration_rounds: int = 4, probe_groups: int | None = 6):
+                 level: int = 1, calibration_rounds: int = 4, probe_groups: int | None = 6,
+                 probe_method: str = "linear"):
         super().__init__(2, interval=interval, probe_bits=probe_bits, probe_draws=probe_draws, max_probes=max_probes,
-                         momentum=momentum, probe_groups=probe_groups)
+                         momentum=momentum, probe_groups=probe_groups, probe_method=probe_method)
         if not 0 < tolerance < 1:
             raise ValueError(f"tolerance (relative gradient error) must lie in (0, 1), got {tolerance}")
         if not 0 < init_eb < 0.5:

@@ -25,6 +25,7 @@ Policies see a :class:`~lowbit.act.context.PolicyContext`, sensitivities are mea
 """
 from __future__ import annotations
 
+import sys
 import weakref
 from typing import Callable
 
@@ -103,6 +104,19 @@ def _version_tracker(t: torch.Tensor) -> torch.Tensor | None:
         return tracker
     except (RuntimeError, AttributeError, TypeError):  # exotic tensor types: no check
         return None
+
+
+def _alive(owner: weakref.ref, probing: bool) -> bool:
+    """Whether the first tensor saved from a storage is still referenced, i.e. whether a later
+    save of the same storage shares its entry. The sensitivity probe holds every saved tensor
+    itself (the linear probe differentiates through them): there a tensor only the probe holds
+    counts as dead, so the probe's forward numbers its tensors exactly as a training step's does
+    (GACT's widths are assigned by that number). The references not counted are the probe's
+    dict entry, ``t`` here and getrefcount's argument."""
+    t = owner()
+    if t is None:
+        return False
+    return not probing or sys.getrefcount(t) > 3
 
 
 def _symbolic(t: torch.Tensor) -> bool:
@@ -269,7 +283,7 @@ class ActivationCompressor:
         if hit is not None:
             owner, entry_ref = hit
             entry = entry_ref()
-            if owner() is not None and entry is not None:
+            if _alive(owner, probing=self._probe is not None and self._probe.keeps_tensors) and entry is not None:
                 entry.pending += 1
                 saved.entry = entry
                 return saved
@@ -303,7 +317,7 @@ class ActivationCompressor:
             self._index += 1
             if self._probe is not None:
                 entry = _Entry("float", raw=base, index=index)
-                self._probe.record(index, base, self.context.group_for(base, 2))
+                self._probe.record(index, base, self.context.group_for(base, 2), t)
             else:
                 packed = self.policy.encode(index, base, self.context)
                 entry = _Entry("float", raw=base, index=index) if packed is None else _Entry("float", packed=packed, index=index)

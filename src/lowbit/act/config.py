@@ -22,7 +22,7 @@ from typing import Callable, ClassVar, TypeVar
 
 from lowbit.act.comet import CometPolicy
 from lowbit.act.division import DivisionPolicy
-from lowbit.act.gact import GactPolicy
+from lowbit.act.gact import PROBE_METHODS, GactPolicy
 from lowbit.act.mesa import MesaPolicy
 from lowbit.act.policy import NonePolicy, Policy, UniformPolicy
 from lowbit.codecs.uniform import SUPPORTED_BITS
@@ -109,7 +109,10 @@ class _ProbeConfig(ActConfig):
     each tensor's lowest allowed width). probe_draws: rounding draws averaged per probe.
     max_probes: tensors probed per estimate after the first (``probe_groups=None`` only).
     momentum: weight of the previous sensitivity in the moving average, in [0, 1).
-    probe_groups: groups of consecutive tensors probed together (None: tensor by tensor).
+    probe_groups: groups of consecutive tensors probed together (None: tensor by tensor); "sampled" only.
+    probe_method: "linear" (differentiate the backward: every tensor on its own, about three
+    training steps; ``probe_draws`` random projections) or "sampled" (one backward per probe group
+    with the group quantized, ``probe_draws`` rounding draws each).
     """
 
     interval: int = 100
@@ -118,10 +121,12 @@ class _ProbeConfig(ActConfig):
     max_probes: int = 16
     momentum: float = 0.5
     probe_groups: int | None = 6
+    probe_method: str = "linear"
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_int(self, "interval", 1, unit="training steps")
+        check_choice(self, "probe_method", PROBE_METHODS)
         if self.probe_bits is not None:
             check_choice(self, "probe_bits", SUPPORTED_BITS)
         check_int(self, "probe_draws", 1)
@@ -133,10 +138,17 @@ class _ProbeConfig(ActConfig):
 @dataclass(frozen=True, kw_only=True)
 class GactConfig(_ProbeConfig):
     """GACT: per-tensor widths from measured gradient sensitivities, averaging ``average_bits``
-    bits per element over the saved floating tensors (may be fractional, 1..8)."""
+    bits per element over the saved floating tensors (may be fractional, 1..8).
+
+    meta_bits: the group metadata (a float16 minimum and scale, 32 bits per group) the allocator
+    may spend, in bits per element on average: the tensors at 2 bits or fewer whose noise moves
+    the gradient most get groups finer than the engine's layout until that is spent (None: the
+    engine's layout everywhere). The default, 1.0, keeps the stored size within about
+    ``average_bits + 1`` bits per element."""
 
     bits_field: ClassVar[str | None] = "average_bits"
     average_bits: float = 2.0
+    meta_bits: float | None = 1.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -146,6 +158,8 @@ class GactConfig(_ProbeConfig):
             raise ValueError(f"GactConfig.average_bits (the average bits per element) must be a number within "
                              f"{lo}..{hi}, got {v!r}")
         object.__setattr__(self, "average_bits", float(v))
+        if self.meta_bits is not None:
+            check_number(self, "meta_bits", 0.0, 32.0)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -269,7 +283,8 @@ def _uniform(c: UniformConfig) -> Policy:
 @register_method(GactConfig, "gact")
 def _gact(c: GactConfig) -> Policy:
     return GactPolicy(c.average_bits, interval=c.interval, probe_bits=c.probe_bits, probe_draws=c.probe_draws,
-                      max_probes=c.max_probes, momentum=c.momentum, probe_groups=c.probe_groups)
+                      max_probes=c.max_probes, momentum=c.momentum, probe_groups=c.probe_groups,
+                      probe_method=c.probe_method, meta_bits=c.meta_bits)
 
 
 @register_method(DivisionConfig, "division")
@@ -281,7 +296,8 @@ def _division(c: DivisionConfig) -> Policy:
 def _comet(c: CometConfig) -> Policy:
     return CometPolicy(tolerance=c.tolerance, init_eb=c.init_eb, interval=c.interval, probe_bits=c.probe_bits,
                        probe_draws=c.probe_draws, max_probes=c.max_probes, momentum=c.momentum, level=c.level,
-                       calibration_rounds=c.calibration_rounds, probe_groups=c.probe_groups)
+                       calibration_rounds=c.calibration_rounds, probe_groups=c.probe_groups,
+                       probe_method=c.probe_method)
 
 
 @register_method(MesaConfig, "mesa")
