@@ -100,7 +100,8 @@ def test_train_mode_gact_gradient_cosine_on_a_bn_convnet():
 @pytest.mark.slow
 def test_resnet18_train_mode_gact_keeps_batchnorm_inputs_and_gradient():
     """The ResNet-18 config (96x96, batch 16, random images), BatchNorm on batch statistics.
-    Measured: gact-2 cosine 0.927 at 12.7x, gact-3 0.996 at 9.7x; thresholds with margin."""
+    Measured (defaults: linear probe, finer groups on the sensitive tensors): gact-2 cosine 0.960
+    at 10.7x, gact-3 0.997 at 8.6x. Seeded rounding: the run is deterministic."""
     pytest.importorskip("transformers", reason="needs the hf extra")
     from lowbit.models.hf import hf_batch, hf_loss, hf_model
 
@@ -126,8 +127,8 @@ def test_resnet18_train_mode_gact_keeps_batchnorm_inputs_and_gradient():
         cos = [float(F.cosine_similarity(grad(act), exact, dim=0)) for _ in range(2)]
         out[bits] = (sum(cos) / 2, act.report().ratio)
     print("train-mode gact cosine, ratio by average bits:", out)
-    assert out[2][0] > 0.87 and out[2][1] > 12, out  # 2-bit average: all at 2 bits (the floors use the budget)
-    assert out[3][0] > 0.95 and out[3][1] > 8, out  # 3-bit average: the train-mode target, at >= 8x
+    assert out[2][0] > 0.95 and out[2][1] > 8, out  # 2-bit average: >= 0.95 in train mode at >= 8x
+    assert out[3][0] > 0.98 and out[3][1] > 8, out
 
 
 def test_transformer_norm_inputs_floor_and_block_positions_beat_uniform():
