@@ -134,15 +134,17 @@ def test_gact_config_checks_new_fields():
     assert act.policy.meta_bits is None and act.policy.probe_method == "sampled"
 
 
+@pytest.mark.parametrize("name", ["bert", "gpt2", "resnet18"])
 @pytest.mark.parametrize("probe_method", ["linear", "sampled"])
-def test_probe_sees_the_saved_tensors_a_training_step_saves(probe_method):
+def test_probe_sees_the_saved_tensors_a_training_step_saves(probe_method, name):
     # GACT assigns widths by the order in which tensors are saved: the probe's forward must save
     # (and share between views of one storage) exactly what a training step does, although the
-    # linear probe holds every saved tensor itself. HF BERT shares storages between views.
+    # linear probe holds the saved tensors it differentiates through (HF BERT and GPT-2 share
+    # storages between views; the ResNet's input image has no graph and is never held).
     hf = pytest.importorskip("lowbit.models.hf", reason="needs the hf extra")
     torch.manual_seed(0)
-    model = hf.hf_model("bert").train()
-    batch = hf.hf_batch("bert", model, batch=4, generator=torch.Generator().manual_seed(0))
+    model = hf.hf_model(name).train()
+    batch = hf.hf_batch(name, model, batch=4, generator=torch.Generator().manual_seed(0))
     act = ActivationCompressor("gact", bits=2, model=model, probe_method=probe_method, min_numel=0, floor_numel=0)
     act.estimate(lambda: hf.hf_loss(model, batch))
     with act:

@@ -106,17 +106,18 @@ def _version_tracker(t: torch.Tensor) -> torch.Tensor | None:
         return None
 
 
-def _alive(owner: weakref.ref, probing: bool) -> bool:
+def _alive(owner: weakref.ref, probe) -> bool:
     """Whether the first tensor saved from a storage is still referenced, i.e. whether a later
-    save of the same storage shares its entry. The sensitivity probe holds every saved tensor
-    itself (the linear probe differentiates through them): there a tensor only the probe holds
-    counts as dead, so the probe's forward numbers its tensors exactly as a training step's does
-    (GACT's widths are assigned by that number). The references not counted are the probe's
-    dict entry, ``t`` here and getrefcount's argument."""
+    save of the same storage shares its entry. The linear sensitivity probe holds the saved
+    tensors it differentiates through: a tensor only the probe holds counts as dead, so the
+    probe's forward numbers its tensors exactly as a training step's does (GACT's widths are
+    assigned by that number). Not counted: ``t`` here, getrefcount's argument, the probe's."""
     t = owner()
     if t is None:
         return False
-    return not probing or sys.getrefcount(t) > 3
+    if probe is None or not probe.holds(t):
+        return True
+    return sys.getrefcount(t) > 3
 
 
 def _symbolic(t: torch.Tensor) -> bool:
@@ -283,7 +284,7 @@ class ActivationCompressor:
         if hit is not None:
             owner, entry_ref = hit
             entry = entry_ref()
-            if _alive(owner, probing=self._probe is not None and self._probe.keeps_tensors) and entry is not None:
+            if _alive(owner, self._probe) and entry is not None:
                 entry.pending += 1
                 saved.entry = entry
                 return saved

@@ -63,12 +63,23 @@ class ProbeState:
         self.position = position  # module name -> its place inside a repeated block (block_positions)
         self.saved: dict[int, torch.Tensor] = {}  # index -> the tensor autograd saved (with its graph)
         self.keeps_tensors = keeps_tensors  # the linear probe differentiates through the saved tensors
+        self._held: set[int] = set()  # ids of the tensors in ``saved`` (alive while held there)
+
+    def release(self) -> None:
+        """Drop the saved tensors kept for the linear probe."""
+        self.saved.clear()
+        self._held.clear()
+
+    def holds(self, t: torch.Tensor) -> bool:
+        """Whether ``t`` is one of the saved tensors this probe keeps (one reference to it)."""
+        return id(t) in self._held
 
     def record(self, index: int, base: torch.Tensor, group_size: int, saved: torch.Tensor | None = None) -> None:
         """R_l (sum over groups of numel_g * range_g**2 / 4), the role and the lowest sensible width.
         ``saved``: the tensor the op saved (``base`` is its storage), kept for the linear probe."""
         if self.keeps_tensors and saved is not None and saved.grad_fn is not None:
             self.saved[index] = saved
+            self._held.add(id(saved))
         gs = group_size
         flat = base.detach().reshape(-1).float().contiguous()
         sizes = group_candidates(gs) if flat.numel() % gs == 0 else [gs]
@@ -329,7 +340,7 @@ def linear_sensitivities(act: "ActivationCompressor", loss: torch.Tensor, params
         bound = stats[i].rsq / float((1 << bits) - 1) ** 2
         err = float((var * w.reshape(-1)).sum()) if w is not None else 0.0  # no gradient reads it: no error
         measured[i] = err / bound if bound > 0 else 0.0
-    state.saved.clear()
+    state.release()
     return exact, measured
 
 
