@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lowbit.kernels.int8 import int_matmul, pack_int4, unpack_int4
+from lowbit.quant.packed_base import PackedLayer, conv_out_size
 from lowbit.quant.quantizers import LSQ, BorderQuantizer, FixedUniform
 
 
@@ -82,7 +83,7 @@ def int_exportable(layer: nn.Module) -> bool:
     return iq is None or (isinstance(iq, (LSQ, FixedUniform)) and iq.bits <= 8 and (not isinstance(iq, LSQ) or not iq.per_channel))
 
 
-class PackedIntLayer(nn.Module):
+class PackedIntLayer(PackedLayer):
     """A conv (1d/2d) or linear layer with integer weight codes and per-channel scales; integer
     GEMM on int8 input codes when the input is quantized, float op on decoded weights otherwise.
     Linear: x [..., F] -> [..., O]; Conv2d: [N, C, H, W] -> [N, O, H', W']; Conv1d: [N, C, L] -> [N, O, L']."""
@@ -121,19 +122,11 @@ class PackedIntLayer(nn.Module):
         self._codes, self._corr = None, {}
         return super()._load_from_state_dict(*args, **kwargs)
 
-    def stored_size(self) -> tuple[int, int]:
-        """(bytes this layer stores, values of the float layer it replaces: weights + bias)."""
-        stored = sum(t.numel() * t.element_size() for t in self.state_dict().values())
-        return stored, self.out_features * self.k + (0 if self.bias is None else self.bias.numel())
-
-    def _conv_args(self) -> dict:
-        return dict(dilation=self.dilation, padding=self.padding, stride=self.stride)
-
     def _valid_sum(self, shape: tuple[int, int, int]) -> torch.Tensor:
         """[L, O]: sum of each filter's codes over the taps that read the image (not the padding)."""
         if shape not in self._corr:
             ones = torch.ones(1, *shape)
-            valid = F.unfold(ones, self.kernel_size, **self._conv_args())[0].T  # [L, K]
+            valid = F.unfold(ones, **self.conv_args())[0].T  # [L, K]
             self._corr[shape] = valid @ self.codes().float().T
         return self._corr[shape]
 
@@ -186,7 +179,7 @@ class PackedIntLayer(nn.Module):
         corrects. Pairs with ``_conv_codes``."""
         (kh, kw), (sh, sw), (ph, pw), (dh, dw) = self.kernel_size, self.stride, self.padding, self.dilation
         n, ch, h, w = c.shape
-        ho, wo = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+        ho, wo = conv_out_size(h, w, self.kernel_size, self.stride, self.padding, self.dilation)
         c = c.permute(0, 2, 3, 1)  # NHWC (a view when the input is channels-last, as integer layers emit)
         if ph or pw:
             c = F.pad(c, (0, 0, pw, pw, ph, ph))
@@ -199,8 +192,8 @@ class PackedIntLayer(nn.Module):
     def _forward_conv(self, x: torch.Tensor) -> torch.Tensor:
         n, c_in, h, w = x.shape
         kh, kw = self.kernel_size
-        (sh, sw), (ph, pw), (dh, dw) = self.stride, self.padding, self.dilation
-        ho, wo = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+        ph, pw = self.padding
+        ho, wo = conv_out_size(h, w, self.kernel_size, self.stride, self.padding, self.dilation)
         if self.input_quantizer is None:
             wt = self._float_weight(x.dtype).reshape(self.out_features, c_in, kh, kw)
             return F.conv2d(x, wt, self.bias, self.stride, self.padding, self.dilation)
