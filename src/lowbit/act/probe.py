@@ -211,11 +211,11 @@ def estimate(act: "ActivationCompressor", closure: Callable[[], torch.Tensor]) -
         raise ValueError(f"{act.method} needs model= to measure sensitivities (the gradient w.r.t. its parameters)")
     params = [p for p in model.parameters() if p.requires_grad]
     buffers = {k: v.clone() for k, v in model.state_dict().items() if not isinstance(v, nn.Parameter)}
-    state = ProbeState(act.context, block_positions(model), getattr(policy, "probe_method", "sampled") == "linear")
+    method = getattr(policy, "probe_method", "sampled")
+    state = ProbeState(act.context, block_positions(model), keeps_tensors=method == "linear")
     act._probe = state
     measured: dict[int, float] = {}
     draws = policy.probe_draws
-    method = getattr(policy, "probe_method", "sampled")
     try:
         with act:
             loss = closure()
@@ -303,14 +303,15 @@ def linear_sensitivities(act: "ActivationCompressor", loss: torch.Tensor, params
     gives them the median)."""
     state, policy = act._probe, act.policy
     stats = state.stats
+    indices = [i for i in sorted(state.saved) if i in stats]
+    targets = [state.saved[i] for i in indices]
+    state.release()  # the probe's own references go; ``targets`` holds them until the end
     grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
     if bar is not None:
         bar.update(1)
     exact = torch.cat([(g.detach() if g is not None else torch.zeros_like(p)).reshape(-1)
                        for g, p in zip(grads, params)])
     live = [g for g in grads if g is not None and g.requires_grad]
-    indices = [i for i in sorted(state.saved) if i in stats]
-    targets = [state.saved[i] for i in indices]
     # stop the double backward at every computing node of the forward graph, so what reaches a
     # saved tensor comes from its own uses (and views of it), not from tensors computed from it
     handles = [node.register_prehook(_stop) for node in _forward_nodes(loss) if not _is_view(node)]
@@ -332,15 +333,13 @@ def linear_sensitivities(act: "ActivationCompressor", loss: torch.Tensor, params
             h.remove()
     del grads, live
     measured: dict[int, float] = {}
-    for i in indices:
-        t = state.saved[i]
+    for i, t in zip(indices, targets):
         bits = policy.probe_bits or stats[i].min_bits
         var = rounding_variance(t, bits, act.context.group_for(t, bits))
         w = weights.get(i)
         bound = stats[i].rsq / float((1 << bits) - 1) ** 2
         err = float((var * w.reshape(-1)).sum()) if w is not None else 0.0  # no gradient reads it: no error
         measured[i] = err / bound if bound > 0 else 0.0
-    state.release()
     return exact, measured
 
 
