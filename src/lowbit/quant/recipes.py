@@ -12,8 +12,8 @@ sign() of it would be all +1). ``CONFIGS`` maps config type -> recipe, ``RECIPES
 from __future__ import annotations
 
 import copy
-import warnings
 import dataclasses
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable
 
