@@ -47,34 +47,11 @@ class _CheckpointedForward:
         self.name = name
         self.compress_inputs = compress_inputs
         self._warned = warned  # shared by the blocks of one checkpoint_blocks call: one warning, not one per layer
-        try:
-            sig = inspect.signature(self.forward)
-        except (TypeError, ValueError):
-            sig = None
         # a cache may come positionally (GPT-2 passes it second): bind to find it by name
-        self._sig = sig if sig is not None and any(k in sig.parameters for k in _CACHE_KWARGS) else None
+        self._sig = cache_signature(self.forward)
 
     def _without_cache(self, args: tuple, kwargs: dict) -> tuple[tuple, dict, list[str]]:
-        dropped = []
-        if self._sig is not None:
-            try:
-                bound = self._sig.bind_partial(*args, **kwargs)
-            except TypeError:
-                bound = None
-            if bound is not None:
-                for k in _CACHE_KWARGS:
-                    if bound.arguments.get(k) is not None:
-                        bound.arguments[k] = None
-                        dropped.append(k)
-                args, kwargs = bound.args, dict(bound.kwargs)  # **kwargs parameters come back flattened
-        for k in _CACHE_KWARGS:
-            if kwargs.get(k) is not None:
-                kwargs[k] = None
-                dropped.append(k)
-        if kwargs.get("use_cache"):
-            kwargs["use_cache"] = False
-            dropped.append("use_cache")
-        return args, kwargs, dropped
+        return without_cache(self._sig, args, kwargs)
 
     def __call__(self, *args, **kwargs):
         if not torch.is_grad_enabled():
@@ -92,6 +69,42 @@ class _CheckpointedForward:
         # inputs) instead of letting an enclosing ActivationCompressor quantize them
         with torch.autograd.graph.saved_tensors_hooks(_keep, _keep):
             return checkpoint(self.forward, *args, use_reentrant=False, **kwargs)
+
+
+def cache_signature(forward) -> inspect.Signature | None:
+    """``forward``'s signature when it takes a key/value cache (then :func:`without_cache` binds
+    the arguments to find it by name, also when it comes positionally), else None."""
+    try:
+        sig = inspect.signature(forward)
+    except (TypeError, ValueError):
+        return None
+    return sig if any(k in sig.parameters for k in _CACHE_KWARGS) else None
+
+
+def without_cache(sig: inspect.Signature | None, args: tuple, kwargs: dict) -> tuple[tuple, dict, list[str]]:
+    """(args, kwargs, names dropped): a block's call with its key/value cache set to None and
+    ``use_cache`` off, so that running it again does not read what the first run cached."""
+    dropped = []
+    if sig is not None:
+        try:
+            bound = sig.bind_partial(*args, **kwargs)
+        except TypeError:
+            bound = None
+        if bound is not None:
+            for k in _CACHE_KWARGS:
+                if bound.arguments.get(k) is not None:
+                    bound.arguments[k] = None
+                    dropped.append(k)
+            args, kwargs = bound.args, dict(bound.kwargs)  # **kwargs parameters come back flattened
+    kwargs = dict(kwargs)
+    for k in _CACHE_KWARGS:
+        if kwargs.get(k) is not None:
+            kwargs[k] = None
+            dropped.append(k)
+    if kwargs.get("use_cache"):
+        kwargs["use_cache"] = False
+        dropped.append("use_cache")
+    return args, kwargs, dropped
 
 
 def _keep(t):

@@ -25,7 +25,6 @@ Policies see a :class:`~lowbit.act.context.PolicyContext`, sensitivities are mea
 """
 from __future__ import annotations
 
-import sys
 import weakref
 from typing import Callable
 
@@ -106,18 +105,10 @@ def _version_tracker(t: torch.Tensor) -> torch.Tensor | None:
         return None
 
 
-def _alive(owner: weakref.ref, probe) -> bool:
+def _alive(owner: weakref.ref) -> bool:
     """Whether the first tensor saved from a storage is still referenced, i.e. whether a later
-    save of the same storage shares its entry. The linear sensitivity probe holds the saved
-    tensors it differentiates through: a tensor only the probe holds counts as dead, so the
-    probe's forward numbers its tensors exactly as a training step's does (GACT's widths are
-    assigned by that number). Not counted: ``t`` here, getrefcount's argument, the probe's."""
-    t = owner()
-    if t is None:
-        return False
-    if probe is None or not probe.holds(t):
-        return True
-    return sys.getrefcount(t) > 3
+    save of the same storage shares its entry (a dead tensor's storage may be reused)."""
+    return owner() is not None
 
 
 def _symbolic(t: torch.Tensor) -> bool:
@@ -268,6 +259,13 @@ class ActivationCompressor:
 
     @torch.compiler.disable  # runs eagerly on real tensors, also when called from a compiled graph
     def _pack(self, t: torch.Tensor):
+        saved = self._save(t)
+        if self._probe is not None:  # the probe replays blocks and maps their saves to these numbers
+            entry = saved.entry if isinstance(saved, _Saved) else None
+            self._probe.note_pack(entry.index if entry is not None and entry.kind == "float" else None, t)
+        return saved
+
+    def _save(self, t: torch.Tensor):
         if _symbolic(t):  # torch.compile tracing its graph: what it saves is compressed when the graph runs
             return t
         storage = t.untyped_storage()
@@ -284,7 +282,7 @@ class ActivationCompressor:
         if hit is not None:
             owner, entry_ref = hit
             entry = entry_ref()
-            if _alive(owner, self._probe) and entry is not None:
+            if _alive(owner) and entry is not None:
                 entry.pending += 1
                 saved.entry = entry
                 return saved
@@ -316,9 +314,9 @@ class ActivationCompressor:
         else:
             index = self._index
             self._index += 1
-            if self._probe is not None:
-                entry = _Entry("float", raw=base, index=index)
-                self._probe.record(index, base, self.context.group_for(base, 2), t)
+            if self._probe is not None:  # statistics of the exact tensor; 8-bit storage keeps the probe's memory down
+                self._probe.record(index, base, self.context.group_for(base, 2))
+                entry = _Entry("float", packed=self._probe.store(base, self.context), index=index)
             else:
                 packed = self.policy.encode(index, base, self.context)
                 entry = _Entry("float", raw=base, index=index) if packed is None else _Entry("float", packed=packed, index=index)
@@ -376,17 +374,40 @@ class ActivationCompressor:
             )
         entry = saved.entry
         noisy = self._probe.noisy if self._probe is not None else None
-        if isinstance(noisy, frozenset) and entry.kind == "float" and entry.index in noisy:
-            raw, bits = entry.raw, self._probe.bits[entry.index]
-            base = self._uniform.decode(self._uniform.encode(raw, bits=bits, group_size=self.context.group_for(raw, bits)))
-        elif noisy == "policy" and entry.kind == "float" and entry.raw is not None:
-            packed = self.policy.encode(entry.index, entry.raw, self.context)  # every tensor as the policy would store it
-            base = entry.raw if packed is None else self._codecs[packed.codec].decode(packed)
+        if noisy is not None and entry.kind == "float":
+            base = self._probe_unpack(entry, noisy)
         else:
             base = entry.decode(self._codecs)
         if entry.full_storage:
-            return base.as_strided(saved.size, saved.stride, saved.offset)
-        return restore_layout(base, saved.size, saved.stride, saved.offset, entry.span)
+            out = base.as_strided(saved.size, saved.stride, saved.offset)
+        else:
+            out = restore_layout(base, saved.size, saved.stride, saved.offset, entry.span)
+        if noisy == "values" and entry.kind == "float":
+            self._probe.leaves.append((entry.index, out))
+        return out
+
+    def _probe_unpack(self, entry: _Entry, noisy) -> torch.Tensor:
+        """A saved float tensor as a running probe wants it back (see :mod:`lowbit.act.probe`):
+        quantized at the probe width (a probed group), as the policy would store it ("policy"),
+        or decoded (the others; "values": reported to the probe with the view it restores)."""
+        state = self._probe
+        if isinstance(noisy, frozenset) and entry.index in noisy:
+            src, bits = self._exact(entry), state.bits[entry.index]
+            packed = self._uniform.encode(src, bits=bits, group_size=self.context.group_for(src, bits))
+            del src  # one float copy at a time: the probe's peak stays that of a compressed step
+            return self._uniform.decode(packed)
+        if noisy == "policy":
+            src = self._exact(entry)
+            packed = self.policy.encode(entry.index, src, self.context)  # every tensor as the policy would store it
+            if packed is None:
+                return src
+            del src
+            return self._codecs[packed.codec].decode(packed)
+        return self._exact(entry)
+
+    def _exact(self, entry: _Entry) -> torch.Tensor:
+        """The probe's copy of a saved float tensor (decoded each time: the graph is retained)."""
+        return entry.raw if entry.raw is not None else self._codecs[entry.packed.codec].decode(entry.packed)
 
     # ------------------------------------------------------------------ accounting
     def _account(self, entry: _Entry, t: torch.Tensor, raw: int, stored: int, bits: float) -> None:
