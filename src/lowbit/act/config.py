@@ -110,8 +110,8 @@ class _ProbeConfig(ActConfig):
     max_probes: tensors probed per estimate after the first (``probe_groups=None`` only).
     momentum: weight of the previous sensitivity in the moving average, in [0, 1).
     probe_groups: groups of consecutive tensors probed together (None: tensor by tensor); "sampled" only.
-    probe_method: "linear" (differentiate the backward: every tensor on its own, about three
-    training steps; ``probe_draws`` random projections) or "sampled" (one backward per probe group
+    probe_method: "linear" (differentiate the backward block by block: every tensor on its own;
+    ``probe_draws`` random projections) or "sampled" (one backward per probe group
     with the group quantized, ``probe_draws`` rounding draws each).
     """
 

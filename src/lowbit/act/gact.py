@@ -7,10 +7,10 @@ Linearised model of the gradient error (GACT, ICML 2022): quantizing saved tenso
 
 the stochastic-rounding variance of the tensor, and ``c_l`` its sensitivity. Every
 ``interval`` steps the sensitivities are measured on one batch (:mod:`lowbit.act.probe`). The
-default probe, ``probe_method="linear"``, differentiates the backward itself: one backward with
-``create_graph`` gives the exact gradient, one double backward of ``r . g`` (random ``r``,
-``probe_draws`` of them) gives every saved tensor's own effect on the gradient, so every tensor
-gets its own ``c_l`` for about three training steps whatever the depth. ``probe_method=
+default probe, ``probe_method="linear"``, differentiates the backward itself, block by block
+(:mod:`lowbit.act.probe_linear`): double backwards of ``r . g`` (random ``r``, ``probe_draws``
+of them) give every saved tensor's own effect on the gradient, so every tensor gets its own
+``c_l``, with one block's graphs in memory at a time. ``probe_method=
 "sampled"`` (the original scheme) runs one extra backward per probed group of tensors
 (``probe_groups``) with only that group quantized at ``probe_bits`` (default: the lowest width it
 may get) and gives ``c = ||g_noisy - g||**2 / sum_l S_l(b_l)`` to every member. Estimates are
