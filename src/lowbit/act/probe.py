@@ -43,6 +43,7 @@ import torch
 from torch import nn
 
 from lowbit.act.gact import NORM_INPUT_MIN_BITS, TensorStat, group_candidates
+from lowbit.act.norms import normalises_input, uses_batch_statistics
 from lowbit.act.probe_linear import (ChainError, SegmentRecorder, linear_sensitivities, probe_segments,
                                      rounding_variance, warn_sampling)
 from lowbit.blocks import repeated_blocks
@@ -74,7 +75,7 @@ class ProbeState:
         self.position = position  # module name -> its place inside a repeated block (block_positions)
         self.recorder = recorder  # the linear probe's segment hooks
         self.leaves: list[tuple[int, torch.Tensor]] = []  # ("values" mode) the saved tensors handed out
-        self._codec = UniformCodec(bits=self.STORE_BITS, rounding="nearest")  # deterministic: no random state used
+        self.codec = UniformCodec(bits=self.STORE_BITS, rounding="nearest")  # deterministic: no random state used
 
     def note_pack(self, index: int | None, t: torch.Tensor) -> None:
         """The compressor numbered the save of ``t`` ``index`` (None: not a float tensor it encodes)."""
@@ -83,7 +84,7 @@ class ProbeState:
 
     def store(self, base: torch.Tensor, context: "PolicyContext") -> Packed:
         """``base`` as the probe holds it until its backwards are done (8 bits, nearest rounding)."""
-        return self._codec.encode(base, bits=self.STORE_BITS, group_size=context.group_for(base, self.STORE_BITS))
+        return self.codec.encode(base, bits=self.STORE_BITS, group_size=context.group_for(base, self.STORE_BITS))
 
     def record(self, index: int, base: torch.Tensor, group_size: int) -> None:
         """R_l (sum over groups of numel_g * range_g**2 / 4), the role and the lowest sensible width."""
@@ -152,26 +153,6 @@ def block_positions(model: nn.Module) -> Callable[[str], str | None]:
     return position
 
 
-def normalises_input(module: nn.Module | None) -> bool:
-    """True for a layer whose backward divides by statistics of its own input: a BatchNorm on batch
-    statistics (:func:`uses_batch_statistics`), LayerNorm, GroupNorm, RMSNorm (torch's, or a
-    ``transformers`` ``*RMSNorm`` / ``*LayerNorm`` class such as ``LlamaRMSNorm``)."""
-    if module is None:
-        return False
-    if isinstance(module, nn.modules.batchnorm._BatchNorm):
-        return uses_batch_statistics(module)
-    norms = (nn.LayerNorm, nn.GroupNorm) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
-    return isinstance(module, norms) or type(module).__name__.endswith(("RMSNorm", "LayerNorm"))
-
-
-def uses_batch_statistics(module: nn.Module | None) -> bool:
-    """True for a BatchNorm (1d/2d/3d, SyncBatchNorm, lazy) that normalises with the statistics of
-    the batch: in train mode, or without running statistics."""
-    if not isinstance(module, nn.modules.batchnorm._BatchNorm):
-        return False
-    return module.training or module.running_mean is None
-
-
 def probe_groups(indices: list[int], stats: dict[int, TensorStat], groups: int | None) -> list[list[int]]:
     """Probe groups, in forward order of first appearance; ``None``: one group per tensor.
 
@@ -223,9 +204,9 @@ def estimate(act: "ActivationCompressor", closure: Callable[[], torch.Tensor]) -
     if model is None:
         raise ValueError(f"{act.method} needs model= to measure sensitivities (the gradient w.r.t. its parameters)")
     params = [p for p in model.parameters() if p.requires_grad]
-    buffers = {k: v.clone() for k, v in model.state_dict().items() if not isinstance(v, nn.Parameter)}
+    buffers = [(b, b.clone()) for b in model.buffers()]  # BatchNorm's running statistics (not the parameters)
     linear = getattr(policy, "probe_method", "sampled") == "linear"
-    recorder = SegmentRecorder(probe_segments(model)).attach() if linear else None
+    recorder = SegmentRecorder(probe_segments(model)).attach(model) if linear else None
     state = ProbeState(act.context, block_positions(model), recorder)
     act._probe = state
     measured: dict[int, float] = {}
@@ -241,19 +222,15 @@ def estimate(act: "ActivationCompressor", closure: Callable[[], torch.Tensor]) -
         rounds = getattr(policy, "calibration_rounds", 0) if hasattr(policy, "calibrate") else 0
         segments = len(recorder.segments) if recorder is not None else 0
         with _progress(1 + segments, f"lowbit {act.method}: probing sensitivities") as bar:
-            exact = _grads(loss, params)  # the reference; the graph stays for the probes below
+            reference = _Reference(_grads(loss, params), state.codec)  # the graph stays for the probes below
             bar.update(1)
             reached: set[int] = set()
             if recorder is not None:
                 measured, reached = _linear(act, recorder, params, draws, bar)
-        grad_sq = sum(float(g.pow(2).sum()) for g in exact)
+        grad_sq = reference.sq
 
         def error() -> float:
-            total = 0.0
-            for _ in range(draws):
-                for g, e in zip(_grads(loss, params), exact):
-                    total += float(torch.linalg.vector_norm(g.sub_(e))) ** 2  # in place: no parameter-sized temporaries
-            return total / draws
+            return sum(reference.error(_grads(loss, params)) for _ in range(draws)) / draws
 
         order = policy.probe_order([i for i in sorted(stats) if i not in measured and i not in reached])
         groups = probe_groups(order, stats, getattr(policy, "probe_groups", None))
@@ -282,10 +259,39 @@ def estimate(act: "ActivationCompressor", closure: Callable[[], torch.Tensor]) -
         if recorder is not None:
             recorder.release()
         with torch.no_grad():
-            for k, v in model.state_dict().items():
-                if k in buffers:
-                    v.copy_(buffers[k])
+            for b, kept in buffers:
+                b.copy_(kept)
     return measured
+
+
+class _Reference:
+    """The probe's reference gradient, held at 8 bits per group of 256 (a quarter of a float copy:
+    next to the gradient of a probed backward it then costs less than a second float gradient).
+    ``error(g)`` is ``||g - reference||**2`` less the storage's own known error, so it estimates
+    the error against the float reference without bias (their cross term has zero mean)."""
+
+    _RAW_BELOW = 4096  # small parameters (biases, norms' weights) are kept in float
+
+    def __init__(self, grads: list[torch.Tensor], codec: UniformCodec) -> None:
+        self.codec = codec
+        self.sq = sum(float(torch.linalg.vector_norm(g)) ** 2 for g in grads)
+        self.stored: list = []
+        self.own_error = 0.0
+        while grads:
+            g = grads.pop(0)  # one float gradient at a time
+            if g.numel() < self._RAW_BELOW or not g.dtype.is_floating_point:
+                self.stored.append(g)
+                continue
+            packed = codec.encode(g, bits=8, group_size=256)
+            self.own_error += float(torch.linalg.vector_norm(codec.decode(packed).sub_(g))) ** 2
+            self.stored.append(packed)
+
+    def error(self, grads: list[torch.Tensor]) -> float:
+        total = 0.0
+        for g, ref in zip(grads, self.stored):
+            ref = ref if isinstance(ref, torch.Tensor) else self.codec.decode(ref)
+            total += float(torch.linalg.vector_norm(g.sub_(ref))) ** 2  # in place: no parameter-sized temporaries
+        return max(total - self.own_error, 0.0)
 
 
 def _grads(loss: torch.Tensor, params: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -9,28 +9,30 @@ of variance ``v_i`` to element ``i``, so ``E||e_l||**2 = sum_i v_i ||J_l[:, i]||
 tensor, a second-order (double) backward.
 
 Differentiating the whole backward at once holds the whole backward's graph (3-4.5 times a
-plain step's peak on the small HF configs). Here the network is cut into a
-chain of *segments* (its repeated blocks, :func:`lowbit.blocks.repeated_blocks`, or the entries
-of an ``nn.Sequential``), and ``r . g`` is split by where each part of ``g`` is computed:
+plain step's peak on the small HF configs). Here the network is cut into a chain of *segments*
+(its repeated blocks, :func:`lowbit.blocks.repeated_blocks`, else the entries of an
+``nn.Sequential``, else the whole model), and ``r . g`` is split by where each part of ``g`` is
+computed:
 
-- *below* the first segment (embeddings, a CNN's stem): their parameter gradients are a linear
-  map of the gradient ``u_1`` reaching the first segment's input; one differentiable backward of
-  that region gives its saved tensors' terms and the adjoint ``a_1 = d(r . g_below)/d u_1``;
+- *below* the first segment: its parameter gradients are a linear map of the gradient ``u_1``
+  reaching the first segment's input. Embeddings: one differentiable backward of that region
+  (through the probe's retained graph) gives its saved tensors' terms and the adjoint
+  ``a_1 = d(r . g_below)/d u_1``. A *stem* that normalises over the batch (a CNN's conv-BN stem,
+  whose double backward would hold several copies of the net's largest maps): ``a_1 = J r`` by
+  one forward-mode pass over a replay of the stem, and its own tensors are sampled;
 - *segment j*, first to last: the segment is run again from its recorded input (same random
-  state, so the same dropout) with its saved tensors as leaves; a differentiable backward from the
-  gradient ``u_j`` recorded at its output gives its parameter gradient ``g_j`` and input gradient
-  ``d_j``; ``d(r_j . g_j + a_j . d_j)`` gives its saved tensors' terms and ``a_{j+1}``, the adjoint
-  of ``u_j`` (= of the next segment's input gradient: the segments form a chain);
+  state) and a differentiable backward from the gradient ``u_j`` recorded at its output gives
+  its parameter gradient ``g_j`` and input gradient ``d_j``; ``d(r_j . g_j + a_j . d_j)`` gives
+  its saved tensors' terms and ``a_{j+1}``, the adjoint of ``u_j`` (= of the next segment's
+  input gradient: the segments form a chain). A segment without batch statistics is replayed a
+  quarter of the batch at a time (its graphs are per sample; dropout then draws other masks
+  than the probe's forward did, the same in distribution);
 - *above* the last segment (a language model's head and loss) nothing is differentiated: its few
   tensors are probed by sampling (one backward each group with the group quantized).
 
-Memory: the probe's forward stores every saved tensor at 8 bits, plus each segment's input and
-output gradient; one segment's graphs are alive at a time. Peak RSS growth of one probe against
-one plain training step (second call of each, 2 CPU threads): Llama small batch 8 512 vs 336 MiB
-(the whole-graph derivative: 1524), ResNet-18 config batch 16 at 96x96 367 vs 152 (516), GPT-2
-small with its 50k-word head, batch 2, seq 512: 1185 vs 904 (2644). Still above a plain step:
-a block's double-backward graph is several times its activations, and the sampled head backward
-holds the reference gradient next to the noisy one.
+Memory: the probe's forward stores every saved tensor at 8 bits and the reference gradient is
+kept at 8 bits too (its own rounding error is subtracted from the sampled errors); one slice of
+one segment's graphs is alive at a time. Figures against a plain step: docs/act-engine.md.
 
 Requirements, checked while the forward runs (otherwise the probe samples instead): each segment
 runs once, takes its predecessor's output as its input, and receives no other tensor that
@@ -39,12 +41,14 @@ requires grad; its replay saves the same tensors in the same order.
 from __future__ import annotations
 
 import warnings
+import weakref
 from typing import TYPE_CHECKING, Callable
 
 import torch
 from torch import nn
 
 from lowbit.act.checkpoint import _CheckpointedForward, cache_signature, without_cache
+from lowbit.act.norms import uses_batch_statistics
 from lowbit.blocks import repeated_blocks
 
 if TYPE_CHECKING:
@@ -108,12 +112,45 @@ class SegmentRecorder:
         self.below: list[tuple[int, object]] = []  # (number, gradient edge) of the float saves before the first segment
         self._started = False
         self._handles: list = []
+        # the stem: a module outside the segments computing the first segment's input from inputs
+        # without gradients (a CNN's embedder); candidates are kept until the first segment starts
+        self.stem: _Segment | None = None
+        self._stem_candidates: list[tuple[_Segment, object]] = []
 
-    def attach(self) -> "SegmentRecorder":
+    def attach(self, model: nn.Module | None = None) -> "SegmentRecorder":
         for seg in self.segments:
             self._handles.append(seg.module.register_forward_pre_hook(self._enter(seg), with_kwargs=True))
             self._handles.append(seg.module.register_forward_hook(self._leave(seg), with_kwargs=True))
+        if model is not None:
+            inside = {id(m) for seg in self.segments for m in seg.module.modules()}
+            for name, m in model.named_modules():
+                if m is not model and id(m) not in inside and any(p.requires_grad for p in m.parameters()):
+                    cand = _Segment(name, m)
+                    self._handles.append(m.register_forward_pre_hook(self._stem_enter(cand), with_kwargs=True))
+                    self._handles.append(m.register_forward_hook(self._stem_leave(cand), with_kwargs=True))
         return self
+
+    def _stem_enter(self, cand: _Segment):
+        def hook(module, args, kwargs):
+            if self._started:
+                return None
+            tensors = [v for v in list(args) + list(kwargs.values()) if isinstance(v, torch.Tensor)]
+            if tensors and not any(t.requires_grad for t in tensors):
+                cand.args, cand.kwargs = tuple(args), dict(kwargs)
+                cand.rng = _rng_state(tensors[0].device)
+                cand.calls += 1
+            return None
+
+        return hook
+
+    def _stem_leave(self, cand: _Segment):
+        def hook(module, args, kwargs, out):
+            y = _first_tensor(out)
+            if not self._started and cand.calls == 1 and y is not None and y.requires_grad:
+                self._stem_candidates.append((cand, weakref.ref(y)))
+            return None
+
+        return hook
 
     def detach(self) -> None:
         for h in self._handles:
@@ -152,6 +189,10 @@ class SegmentRecorder:
             j = self.segments.index(seg)
             if j == 0:
                 self.first_input = x
+                for cand, ref in self._stem_candidates:  # outermost last
+                    if ref() is x:
+                        self.stem = cand
+                self._stem_candidates.clear()
                 if x.requires_grad:
                     x.register_hook(self._store_first)
             elif self.segments[j - 1].output is not x:
@@ -192,6 +233,8 @@ class SegmentRecorder:
             seg.args, seg.kwargs, seg.grad_out, seg.output = (), {}, None, None
         self.first_input = self.first_grad = None
         self.below.clear()
+        self.stem = None
+        self._stem_candidates.clear()
 
 
 def _rng_state(device: torch.device) -> tuple:
@@ -298,6 +341,36 @@ def _replay_hooks(seg: _Segment, targets: list, checkpointed: bool):
     return pack, (lambda t: t), count
 
 
+def _stem_tangent(stem: _Segment, seeds_for: Callable, draw: int) -> torch.Tensor:
+    """``J r``: the change of the stem's output along the random parameter direction of ``draw``
+    (forward-mode AD on a replay of the stem with its recorded inputs and random state)."""
+    from torch.func import functional_call, jvp
+
+    named = [(n, p) for n, p in stem.module.named_parameters() if p.requires_grad]
+    names = [n for n, _ in named]
+    primals = tuple(p.detach() for _, p in named)
+    tangents = tuple(_param_r([p for _, p in named], seeds_for([p for _, p in named], draw)))
+
+    def run(*ps):
+        return _first_tensor(functional_call(stem.module, dict(zip(names, ps)), stem.args, stem.kwargs))
+
+    device = primals[0].device
+    # the replay normalises with the batch's statistics, as the forward did, without updating the
+    # running ones (an in-place update inside a functional transform is refused)
+    norms = [m for m in stem.module.modules() if uses_batch_statistics(m)]
+    kept = [(m.running_mean, m.running_var, m.num_batches_tracked) for m in norms]
+    try:
+        for m in norms:
+            m.running_mean = m.running_var = m.num_batches_tracked = None
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
+            _set_rng(stem.rng, device)
+            _, tangent = jvp(run, primals, tangents)
+    finally:
+        for m, (mean, var, count) in zip(norms, kept):
+            m.running_mean, m.running_var, m.num_batches_tracked = mean, var, count
+    return tangent
+
+
 def _param_r(params: list[torch.Tensor], seeds: list[int]) -> list[torch.Tensor]:
     out = []
     for p, s in zip(params, seeds):
@@ -331,12 +404,21 @@ def linear_sensitivities(act: "ActivationCompressor", recorder: SegmentRecorder,
     caps = _Captures(act, draws)
     # saves the walk reaches but cannot differentiate by (constants such as a dropout's noise: no
     # graph) get no estimate, as under the whole-graph derivative: the allocator gives them the median
-    reached = {i for seg in segs for i in seg.packs if i is not None} | {i for i, _ in recorder.below}
+    reached = {i for seg in segs for i in seg.packs if i is not None}
     # below the first segment: its parameter gradients as a function of the first segment's input gradient
     adj: list[torch.Tensor | None] = [None] * draws
     x1, u1 = recorder.first_input, recorder.first_grad
     below = [p for p in params if id(p) not in seg_params]
-    if x1 is not None and x1.grad_fn is not None and u1 is not None and below:
+    stem = recorder.stem
+    if stem is not None and any(uses_batch_statistics(m) for m in stem.module.modules()):
+        # a stem normalising over the batch (a CNN's conv-BN stem): its double backward would hold
+        # several copies of the largest maps of the net, so its adjoint comes from one forward-mode
+        # pass instead (d(r . g_stem)/du = J r, J the stem's Jacobian in its parameters) and its
+        # own tensors are sampled with the head's
+        for d in range(draws):
+            adj[d] = _stem_tangent(stem, seeds_for, d)
+    elif x1 is not None and x1.grad_fn is not None and u1 is not None and below:
+        reached |= {i for i, _ in recorder.below}
         u = u1.detach().requires_grad_()
         state.leaves, state.noisy = [], "values"  # the compressor reports each tensor it hands out
         try:
@@ -369,15 +451,62 @@ def linear_sensitivities(act: "ActivationCompressor", recorder: SegmentRecorder,
     return caps.err, reached
 
 
+SLICES = 4  # a block without batch statistics is replayed in this many slices of the batch
+
+
+def _batch_slices(seg: _Segment, batch: int) -> list[slice]:
+    """Slices of the batch to replay ``seg`` in: the replay's graphs are per sample, so a quarter
+    of the batch at a time holds a quarter of the memory. One slice for a block whose result
+    couples the samples (BatchNorm on batch statistics) or a batch too small to split."""
+    if batch < 2 or any(uses_batch_statistics(m) for m in seg.module.modules()):
+        return [slice(0, batch)]
+    step = -(-batch // SLICES)
+    return [slice(s, min(s + step, batch)) for s in range(0, batch, step)]
+
+
+def _take(v, batch: int, rows: slice):
+    """``v`` with the batch rows ``rows`` (tensors whose first dimension is the batch; tuples and
+    lists of them, such as rotary (cos, sin)); anything else as it is."""
+    if isinstance(v, torch.Tensor):
+        return v[rows] if v.dim() > 0 and v.shape[0] == batch else v
+    if isinstance(v, (tuple, list)):
+        return type(v)(_take(e, batch, rows) for e in v)
+    return v
+
+
 def _segment(act, seg: _Segment, adj: list, caps: _Captures, seeds_for: Callable, draws: int) -> None:
-    """One segment of the sweep: replay, differentiate its backward, update the adjoints in place."""
+    """One segment of the sweep: replay it slice by slice of the batch, differentiate its
+    backward, replace the adjoints in ``adj`` by the next segment's."""
     x_saved = seg.args[seg.hidden[1]] if seg.hidden[0] == "arg" else seg.kwargs[seg.hidden[1]]
-    x = x_saved.detach().requires_grad_(seg.hidden_grad)  # as in the forward: the same tensors get saved
-    args, kwargs = list(seg.args), dict(seg.kwargs)
-    if seg.hidden[0] == "arg":
-        args[seg.hidden[1]] = x
+    batch = x_saved.shape[0] if x_saved.dim() > 0 else 1
+    if seg.grad_out.dim() == 0 or seg.grad_out.shape[0] != batch:
+        rows = [slice(0, batch)] if x_saved.dim() > 0 else [slice(None)]
+        batch = -1  # the output is not batch-major: replay whole
     else:
-        kwargs[seg.hidden[1]] = x
+        rows = _batch_slices(seg, batch)
+    pieces: list[list[torch.Tensor | None]] = [[] for _ in range(draws)]
+    for r in rows:
+        whole = batch < 0 or (r.start == 0 and r.stop == batch)
+        take = (lambda v: v) if whole else (lambda v, r=r: _take(v, batch, r))
+        out = _replay(act, seg, take, [take(a) if a is not None else None for a in adj], caps, seeds_for, draws)
+        for d in range(draws):
+            pieces[d].append(out[d])
+        caps.clear_cache()
+    for d in range(draws):
+        got = pieces[d]
+        adj[d] = None if any(g is None for g in got) else (got[0] if len(got) == 1 else torch.cat(got))
+
+
+def _replay(act, seg: _Segment, take: Callable, adj: list, caps: _Captures, seeds_for: Callable,
+            draws: int) -> list:
+    """Replay ``seg`` on the rows ``take`` picks; returns the adjoint of its output per draw."""
+    args, kwargs = [take(a) for a in seg.args], {k: take(v) for k, v in seg.kwargs.items()}
+    where = seg.hidden[1]
+    x = (args[where] if seg.hidden[0] == "arg" else kwargs[where]).detach().requires_grad_(seg.hidden_grad)
+    if seg.hidden[0] == "arg":  # as in the forward: the same tensors get saved
+        args[where] = x
+    else:
+        kwargs[where] = x
     forward = type(seg.module).forward.__get__(seg.module)  # the class's forward: not a checkpoint wrapper
     args, kwargs, _ = without_cache(cache_signature(forward), tuple(args), kwargs)  # the cache holds this block's keys
     targets: list[tuple[int, torch.Tensor]] = []
@@ -391,10 +520,10 @@ def _segment(act, seg: _Segment, adj: list, caps: _Captures, seeds_for: Callable
     if count[0] != len(seg.packs) and not checkpointed:
         raise ChainError(f"{seg.name} saves {count[0]} tensors when replayed, {len(seg.packs)} in the probe's forward")
     y = _first_tensor(out)
-    if y is None or y.shape != seg.grad_out.shape:
+    u = take(seg.grad_out).detach().requires_grad_()
+    if y is None or y.shape != u.shape:
         raise ChainError(f"{seg.name}'s replay returns another output")
     own = [p for p in seg.module.parameters() if p.requires_grad]
-    u = seg.grad_out.detach().requires_grad_()
     inputs = ([x] if x.requires_grad else []) + own
     grads = torch.autograd.grad(y, inputs, grad_outputs=u, create_graph=True, allow_unused=True)
     roots = [y]
@@ -402,6 +531,7 @@ def _segment(act, seg: _Segment, adj: list, caps: _Captures, seeds_for: Callable
     d_in, g_own = (grads[0], grads[1:]) if x.requires_grad else (None, grads)
     live = [(p, g) for p, g in zip(own, g_own) if g is not None and g.requires_grad]
     inputs = [u] + [t for _, t in targets]
+    result: list[torch.Tensor | None] = [None] * draws
     for d in range(draws):
         terms = []
         if live:
@@ -410,11 +540,13 @@ def _segment(act, seg: _Segment, adj: list, caps: _Captures, seeds_for: Callable
         if adj[d] is not None and d_in is not None and d_in.requires_grad:
             terms.append((d_in * adj[d]).sum())
         if not terms:
-            adj[d] = None
             continue
-        out = _double_backward(sum(terms), roots, inputs, retain=d < draws - 1)
-        adj[d] = out[0]
-        caps.add(targets, out[1:])
+        grads_d = _double_backward(sum(terms), roots, inputs, retain=d < draws - 1)
+        result[d] = grads_d[0]
+        caps.add(targets, grads_d[1:])
+    return result
+
+
 def rounding_variance(t: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
     """Per-element variance (flat float32, ``t.numel()``) of stochastic rounding of ``t`` to the
     per-group ``bits``-bit grid of :class:`lowbit.codecs.uniform.UniformCodec`: ``s**2 f (1 - f)``
