@@ -154,3 +154,55 @@ def test_probe_sees_the_saved_tensors_a_training_step_saves(probe_method, name):
     assert sum(r.numel for r in lossy) == sum(s.numel for s in act.policy.stats.values())
     loss.backward()
     act.close()
+
+
+def test_reference_gradient_at_8_bits_measures_errors_without_bias():
+    from lowbit.act.probe import ProbeState, _Reference
+
+    gen = torch.Generator().manual_seed(0)
+    g = [torch.randn(300, 200, generator=gen), torch.randn(10, generator=gen)]
+    ref = _Reference([t.clone() for t in g], ProbeState().codec)
+    assert ref.sq == pytest.approx(sum(float(t.pow(2).sum()) for t in g), rel=1e-5)
+    for scale in (1e-1, 1e-2):
+        e = [scale * torch.randn(t.shape, generator=gen) for t in g]
+        truth = sum(float(t.pow(2).sum()) for t in e)
+        assert ref.error([a + b for a, b in zip(g, e)]) == pytest.approx(truth, rel=0.02)
+
+
+def _hf_sensitivities(name: str, **patch) -> tuple[dict[int, float], dict]:
+    hf = pytest.importorskip("lowbit.models.hf", reason="needs the hf extra")
+    torch.manual_seed(0)
+    model = hf.hf_model(name).train()
+    batch = hf.hf_batch(name, model, batch=8, generator=torch.Generator().manual_seed(0))
+    act = ActivationCompressor("gact", bits=2, model=model, probe_draws=4)
+    with pytest.MonkeyPatch.context() as mp:
+        for target, value in patch.items():
+            mp.setattr(target, value)
+        c = act.estimate(lambda: hf.hf_loss(model, batch))
+    return c, act.policy.stats
+
+
+def test_sliced_block_replay_gives_the_whole_batch_sensitivities():
+    # Llama's blocks have no dropout and no batch statistics: a quarter of the batch at a time is
+    # the same derivative (only the rounding groups of the variance are cut per slice)
+    sliced, stats = _hf_sensitivities("llama")
+    whole, _ = _hf_sensitivities("llama", **{"lowbit.act.probe_linear.SLICES": 1})
+    inside = [i for i in sliced if stats[i].position is not None and whole[i] > 0]
+    assert len(inside) >= 10
+    for i in inside:
+        assert 0.8 < sliced[i] / whole[i] < 1.25, (i, sliced[i], whole[i])
+
+
+def test_batchnorm_stem_adjoint_by_forward_mode_matches_the_double_backward():
+    # the ResNet's conv-BN stem gives the blocks their adjoint by one forward-mode pass (J r);
+    # without a stem the probe differentiates the stem's backward instead: the same quantity
+    from lowbit.act import probe_linear
+
+    by_jvp, stats = _hf_sensitivities("resnet18")
+    attach = probe_linear.SegmentRecorder.attach
+    by_double, _ = _hf_sensitivities("resnet18", **{
+        "lowbit.act.probe_linear.SegmentRecorder.attach": lambda self, model=None: attach(self, None)})
+    blocks = [i for i in by_jvp if stats[i].position is not None and by_double[i] > 0]
+    assert len(blocks) >= 10
+    for i in blocks:
+        assert by_jvp[i] == pytest.approx(by_double[i], rel=1e-3), i
