@@ -160,13 +160,20 @@ def test_reference_gradient_at_8_bits_measures_errors_without_bias():
     from lowbit.act.probe import ProbeState, _Reference
 
     gen = torch.Generator().manual_seed(0)
+    params = [torch.zeros(300, 200, requires_grad=True), torch.zeros(10, requires_grad=True),
+              torch.zeros(5, requires_grad=True)]  # the last one gets no gradient
     g = [torch.randn(300, 200, generator=gen), torch.randn(10, generator=gen)]
-    ref = _Reference([t.clone() for t in g], ProbeState().codec)
+
+    def loss(grads):  # a loss whose gradient with respect to params[:2] is ``grads``
+        return sum((p * t).sum() for p, t in zip(params, grads))
+
+    ref = _Reference(loss(g), params, ProbeState().codec)
     assert ref.sq == pytest.approx(sum(float(t.pow(2).sum()) for t in g), rel=1e-5)
+    assert all(p.grad is None for p in params)  # streamed: nothing accumulated
     for scale in (1e-1, 1e-2):
         e = [scale * torch.randn(t.shape, generator=gen) for t in g]
         truth = sum(float(t.pow(2).sum()) for t in e)
-        assert ref.error([a + b for a, b in zip(g, e)]) == pytest.approx(truth, rel=0.02)
+        assert ref.error(loss([a + b for a, b in zip(g, e)]), params) == pytest.approx(truth, rel=0.02)
 
 
 def _hf_sensitivities(name: str, **patch) -> tuple[dict[int, float], dict]:
@@ -193,8 +200,8 @@ def test_sliced_block_replay_gives_the_whole_batch_sensitivities():
         assert 0.8 < sliced[i] / whole[i] < 1.25, (i, sliced[i], whole[i])
 
 
-def test_batchnorm_stem_adjoint_by_forward_mode_matches_the_double_backward():
-    # the ResNet's conv-BN stem gives the blocks their adjoint by one forward-mode pass (J r);
+def test_batchnorm_stem_adjoint_by_replays_matches_the_double_backward():
+    # the ResNet's conv-BN stem gives the blocks their adjoint by a central difference (J r);
     # without a stem the probe differentiates the stem's backward instead: the same quantity
     from lowbit.act import probe_linear
 
@@ -205,4 +212,4 @@ def test_batchnorm_stem_adjoint_by_forward_mode_matches_the_double_backward():
     blocks = [i for i in by_jvp if stats[i].position is not None and by_double[i] > 0]
     assert len(blocks) >= 10
     for i in blocks:
-        assert by_jvp[i] == pytest.approx(by_double[i], rel=1e-3), i
+        assert by_jvp[i] == pytest.approx(by_double[i], rel=1e-2), i

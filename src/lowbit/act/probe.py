@@ -44,8 +44,8 @@ from torch import nn
 
 from lowbit.act.gact import NORM_INPUT_MIN_BITS, TensorStat, group_candidates
 from lowbit.act.norms import normalises_input, uses_batch_statistics
-from lowbit.act.probe_linear import (ChainError, SegmentRecorder, linear_sensitivities, probe_segments,
-                                     rounding_variance, warn_sampling)
+from lowbit.act.probe_linear import (ChainError, LinearProbe, SegmentRecorder, probe_segments, rounding_variance,
+                                     warn_sampling)
 from lowbit.blocks import repeated_blocks
 from lowbit.codecs import Packed, UniformCodec
 from lowbit.kernels import group_minmax
@@ -191,7 +191,11 @@ def _progress(total: int, desc: str):
     return tqdm(total=total, desc=desc, delay=_BAR_DELAY_S, leave=False)
 
 
-def estimate(act: "ActivationCompressor", closure: Callable[[], torch.Tensor]) -> dict[int, float]:
+class _Resample(Exception):
+    """The walk over the blocks failed after the probe's graph was released: sample afresh."""
+
+
+def estimate(act: "ActivationCompressor", closure: Callable[[], torch.Tensor], sampled: bool = False) -> dict[int, float]:
     """Measure sensitivities on one batch (``closure`` runs a forward and returns the loss) and let
     ``act.policy`` re-decide; returns {index: c_l}. ``policy.probe_method`` picks how: "linear"
     (the double backward segment by segment, :mod:`lowbit.act.probe_linear`; the tensors above the
@@ -205,7 +209,7 @@ def estimate(act: "ActivationCompressor", closure: Callable[[], torch.Tensor]) -
         raise ValueError(f"{act.method} needs model= to measure sensitivities (the gradient w.r.t. its parameters)")
     params = [p for p in model.parameters() if p.requires_grad]
     buffers = [(b, b.clone()) for b in model.buffers()]  # BatchNorm's running statistics (not the parameters)
-    linear = getattr(policy, "probe_method", "sampled") == "linear"
+    linear = getattr(policy, "probe_method", "sampled") == "linear" and not sampled
     recorder = SegmentRecorder(probe_segments(model)).attach(model) if linear else None
     state = ProbeState(act.context, block_positions(model), recorder)
     act._probe = state
@@ -220,21 +224,22 @@ def estimate(act: "ActivationCompressor", closure: Callable[[], torch.Tensor]) -
             raise TypeError("the estimate closure must return the scalar loss of a forward pass (no backward)")
         stats = state.stats
         rounds = getattr(policy, "calibration_rounds", 0) if hasattr(policy, "calibrate") else 0
-        segments = len(recorder.segments) if recorder is not None else 0
-        with _progress(1 + segments, f"lowbit {act.method}: probing sensitivities") as bar:
-            reference = _Reference(_grads(loss, params), state.codec)  # the graph stays for the probes below
+        linear = None
+        with _progress(1, f"lowbit {act.method}: probing sensitivities") as bar:
+            reference = _Reference(loss, params, state.codec)  # the graph stays for the probes below
             bar.update(1)
-            reached: set[int] = set()
             if recorder is not None:
-                measured, reached = _linear(act, recorder, params, draws, bar)
+                linear = _linear_start(act, recorder, params, draws)
         grad_sq = reference.sq
 
         def error() -> float:
-            return sum(reference.error(_grads(loss, params)) for _ in range(draws)) / draws
+            return sum(reference.error(loss, params) for _ in range(draws)) / draws
 
-        order = policy.probe_order([i for i in sorted(stats) if i not in measured and i not in reached])
+        reached = linear.reached if linear is not None else set()
+        order = policy.probe_order([i for i in sorted(stats) if i not in reached])
         groups = probe_groups(order, stats, getattr(policy, "probe_groups", None))
-        with _progress(len(groups) + rounds, f"lowbit {act.method}: probing sensitivities") as bar:
+        segments = len(recorder.segments) if linear is not None else 0
+        with _progress(len(groups) + segments + rounds, f"lowbit {act.method}: probing sensitivities") as bar:
             for group in groups:
                 # probe where the decision is hardest: each tensor at its lowest allowed width
                 state.bits = {i: policy.probe_bits or stats[i].min_bits for i in group}
@@ -244,6 +249,11 @@ def estimate(act: "ActivationCompressor", closure: Callable[[], torch.Tensor]) -
                 for i in group:
                     measured[i] = c
                 bar.update(1)
+            state.noisy = None
+            if linear is not None:
+                if not rounds:  # nothing needs the probe's graph or the reference any more: the replays run without them
+                    del loss, reference
+                measured.update(_linear_finish(act, linear, bar))
             policy.update(stats, measured, grad_sq=grad_sq)
             if rounds:  # closed loop: the policy checks its whole setting
                 state.noisy = "policy"
@@ -253,7 +263,11 @@ def estimate(act: "ActivationCompressor", closure: Callable[[], torch.Tensor]) -
                     return (error() / max(grad_sq, 1e-30)) ** 0.5
 
                 policy.calibrate(rel_error)
-        del loss
+        loss = reference = None
+    except _Resample:
+        resample = True
+    else:
+        resample = False
     finally:
         act._probe = None
         if recorder is not None:
@@ -261,66 +275,117 @@ def estimate(act: "ActivationCompressor", closure: Callable[[], torch.Tensor]) -
         with torch.no_grad():
             for b, kept in buffers:
                 b.copy_(kept)
+    if resample:  # another forward, every tensor sampled
+        return estimate(act, closure, sampled=True)
     return measured
 
 
+def _stream(loss: torch.Tensor, params: list[torch.Tensor], consume: Callable[[int, torch.Tensor], None]) -> None:
+    """One backward of ``loss`` (graph kept) handing ``consume(i, g)`` each parameter's gradient as
+    soon as it is complete; nothing is accumulated into ``.grad`` and no gradient outlives its
+    call, so the backward holds less than a plain one (which keeps every parameter's gradient)."""
+    handles = []
+
+    def hook(i: int):
+        def take(grads: tuple) -> tuple:
+            if grads[0] is not None:
+                consume(i, grads[0])
+            return (None,)  # an undefined gradient: AccumulateGrad leaves .grad alone
+
+        return take
+
+    for i, p in enumerate(params):
+        handles.append(torch.autograd.graph.get_gradient_edge(p).node.register_prehook(hook(i)))
+    try:
+        torch.autograd.backward(loss, inputs=params, retain_graph=True)
+    finally:
+        for h in handles:
+            h.remove()
+
+
 class _Reference:
-    """The probe's reference gradient, held at 8 bits per group of 256 (a quarter of a float copy:
-    next to the gradient of a probed backward it then costs less than a second float gradient).
-    ``error(g)`` is ``||g - reference||**2`` less the storage's own known error, so it estimates
-    the error against the float reference without bias (their cross term has zero mean)."""
+    """The probe's reference gradient, held at 8 bits per group of 256 (a quarter of a float
+    copy). :meth:`error` streams a probed backward's gradients against it: ``||g - reference||**2``
+    less the storage's own known error, which estimates the error against the float reference
+    without bias (their cross term has zero mean)."""
 
     _RAW_BELOW = 4096  # small parameters (biases, norms' weights) are kept in float
 
-    def __init__(self, grads: list[torch.Tensor], codec: UniformCodec) -> None:
+    def __init__(self, loss: torch.Tensor, params: list[torch.Tensor], codec: UniformCodec) -> None:
         self.codec = codec
-        self.sq = sum(float(torch.linalg.vector_norm(g)) ** 2 for g in grads)
-        self.stored: list = []
+        self.sq = 0.0
         self.own_error = 0.0
-        while grads:
-            g = grads.pop(0)  # one float gradient at a time
-            if g.numel() < self._RAW_BELOW or not g.dtype.is_floating_point:
-                self.stored.append(g)
-                continue
-            packed = codec.encode(g, bits=8, group_size=256)
-            self.own_error += float(torch.linalg.vector_norm(codec.decode(packed).sub_(g))) ** 2
-            self.stored.append(packed)
+        self.stored: list = [None] * len(params)  # None: no gradient reaches the parameter
+        _stream(loss, params, self._keep)
 
-    def error(self, grads: list[torch.Tensor]) -> float:
-        total = 0.0
-        for g, ref in zip(grads, self.stored):
-            ref = ref if isinstance(ref, torch.Tensor) else self.codec.decode(ref)
-            total += float(torch.linalg.vector_norm(g.sub_(ref))) ** 2  # in place: no parameter-sized temporaries
+    def _keep(self, i: int, g: torch.Tensor) -> None:
+        self.sq += float(torch.linalg.vector_norm(g)) ** 2
+        if g.numel() < self._RAW_BELOW or not g.dtype.is_floating_point:
+            self.stored[i] = g.detach().clone()
+            return
+        packed = self.codec.encode(g, bits=8, group_size=256)
+        self.own_error += float(torch.linalg.vector_norm(self.codec.decode(packed).sub_(g))) ** 2
+        self.stored[i] = packed
+
+    def _value(self, i: int) -> torch.Tensor:
+        ref = self.stored[i]
+        return ref if isinstance(ref, torch.Tensor) else self.codec.decode(ref)
+
+    def error(self, loss: torch.Tensor, params: list[torch.Tensor]) -> float:
+        """``||g - g_ref||**2`` for the gradient ``g`` of a backward of ``loss`` as it is now set up."""
+        total, seen = 0.0, set()
+
+        def compare(i: int, g: torch.Tensor) -> None:
+            nonlocal total
+            seen.add(i)
+            ref = self._value(i) if self.stored[i] is not None else torch.zeros_like(g)
+            total += float(torch.linalg.vector_norm(g - ref)) ** 2  # not in place: a gradient may be shared
+
+        _stream(loss, params, compare)
+        total += sum(float(torch.linalg.vector_norm(self._value(i))) ** 2
+                     for i, ref in enumerate(self.stored) if ref is not None and i not in seen)
         return max(total - self.own_error, 0.0)
 
 
-def _grads(loss: torch.Tensor, params: list[torch.Tensor]) -> list[torch.Tensor]:
-    """d loss / d params (zeros where unused), keeping the graph for the next backward."""
-    grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
-    return [g if g is not None else torch.zeros_like(p) for g, p in zip(grads, params)]
-
-
-def _linear(act: "ActivationCompressor", recorder: SegmentRecorder, params: list[torch.Tensor], draws: int,
-            bar) -> tuple[dict[int, float], set[int]]:
-    """({index: c_l}, every index it reached) from the linear probe; ({}, set()) with a warning
-    when it cannot walk the model, so that every tensor is sampled."""
-    policy, stats = act.policy, act._probe.stats
-    seed = act.config.seed * 1009 + getattr(policy, "estimates", 0)
+def _linear_start(act: "ActivationCompressor", recorder: SegmentRecorder, params: list[torch.Tensor],
+                  draws: int) -> LinearProbe | None:
+    """The linear probe, its part below the blocks done; None (with a warning) when it cannot walk
+    the model, so that every tensor is sampled."""
+    seed = act.config.seed * 1009 + getattr(act.policy, "estimates", 0)
     try:
-        errors, reached = linear_sensitivities(act, recorder, params, draws, seed, bar)
-    except ChainError as err:
-        warn_sampling(act.method, str(err))
-        return {}, set()
-    except RuntimeError as err:  # an op without a double backward
-        if not any(w in str(err) for w in ("derivative", "differentiat", "not implemented")):
-            raise
-        warn_sampling(act.method, f"its backward cannot be differentiated: {err}")
-        return {}, set()
+        probe = LinearProbe(act, recorder, params, draws, seed)
+        probe.below()
+        return probe
+    except (ChainError, RuntimeError) as err:
+        _fallback(act, err)
+        return None
     finally:
         act._probe.noisy = None
+
+
+def _linear_finish(act: "ActivationCompressor", probe: LinearProbe, bar) -> dict[int, float]:
+    """{index: c_l} from the walk over the blocks (raises :class:`_Resample`, with a warning, when
+    it fails: the estimate is then made again by sampling)."""
+    policy, stats = act.policy, act._probe.stats
+    try:
+        errors = probe.sweep(bar)
+    except (ChainError, RuntimeError) as err:  # the graph is gone: the estimate starts again, sampling
+        _fallback(act, err)
+        raise _Resample from err
     out: dict[int, float] = {}
     for i, err in errors.items():
         bits = policy.probe_bits or stats[i].min_bits
         bound = stats[i].rsq / float((1 << bits) - 1) ** 2
         out[i] = err / bound if bound > 0 else 0.0
-    return out, reached
+    return out
+
+
+def _fallback(act: "ActivationCompressor", err: Exception) -> None:
+    if isinstance(err, ChainError):
+        warn_sampling(act.method, str(err))
+    elif any(w in str(err) for w in ("derivative", "differentiat", "not implemented")):  # no double backward
+        warn_sampling(act.method, f"its backward cannot be differentiated: {err}")
+    else:
+        raise err
+
+

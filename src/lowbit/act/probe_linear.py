@@ -19,7 +19,8 @@ computed:
   (through the probe's retained graph) gives its saved tensors' terms and the adjoint
   ``a_1 = d(r . g_below)/d u_1``. A *stem* that normalises over the batch (a CNN's conv-BN stem,
   whose double backward would hold several copies of the net's largest maps): ``a_1 = J r`` by
-  one forward-mode pass over a replay of the stem, and its own tensors are sampled;
+  a central difference of two replays of the stem without gradients, and its own tensors are
+  sampled;
 - *segment j*, first to last: the segment is run again from its recorded input (same random
   state) and a differentiable backward from the gradient ``u_j`` recorded at its output gives
   its parameter gradient ``g_j`` and input gradient ``d_j``; ``d(r_j . g_j + a_j . d_j)`` gives
@@ -153,9 +154,12 @@ class SegmentRecorder:
         return hook
 
     def detach(self) -> None:
+        """Remove the hooks (the forward is over); the gradient hooks on the outputs stay."""
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        for seg in self.segments:
+            seg.output = None
 
     def note_pack(self, index: int | None, t: torch.Tensor) -> None:
         if self.current is not None:
@@ -197,6 +201,8 @@ class SegmentRecorder:
                     x.register_hook(self._store_first)
             elif self.segments[j - 1].output is not x:
                 self._fail(f"{seg.name}'s input is not the output of {self.segments[j - 1].name}")
+            if j > 0:
+                self.segments[j - 1].output = None  # checked: holding it would keep the graph below it
             seg.args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
             seg.kwargs = {k: (v.detach() if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()}
             seg.hidden, seg.hidden_grad = hidden, x.requires_grad
@@ -276,13 +282,16 @@ class _Captures:
         self._var.clear()
 
 
-def _double_backward(f: torch.Tensor, roots: list[torch.Tensor], inputs: list, retain: bool):
-    """``autograd.grad(f, inputs)`` with the forward graph under ``roots`` stopped at every
-    computing node, so what reaches a saved tensor's edge comes from its own uses in backward
-    (and views of it), not from tensors computed from it."""
+def _double_backward(outputs: list[torch.Tensor], weights: list[torch.Tensor], roots: list[torch.Tensor],
+                     inputs: list, retain: bool):
+    """``d(sum_k weights_k . outputs_k) / d inputs`` (the weights enter as the incoming gradients,
+    so no product of parameter size is formed), with the forward graph under ``roots`` stopped at
+    every computing node, so what reaches a saved tensor's edge comes from its own uses in
+    backward (and views of it), not from tensors computed from it."""
     handles = [node.register_prehook(_stop) for node in _forward_nodes(roots) if not _is_view(node)]
     try:
-        return torch.autograd.grad(f, inputs, retain_graph=retain, allow_unused=True)
+        return torch.autograd.grad(outputs, inputs, grad_outputs=[w.to(o.dtype) for o, w in zip(outputs, weights)],
+                                   retain_graph=retain, allow_unused=True)
     finally:
         for h in handles:
             h.remove()
@@ -342,33 +351,37 @@ def _replay_hooks(seg: _Segment, targets: list, checkpointed: bool):
 
 
 def _stem_tangent(stem: _Segment, seeds_for: Callable, draw: int) -> torch.Tensor:
-    """``J r``: the change of the stem's output along the random parameter direction of ``draw``
-    (forward-mode AD on a replay of the stem with its recorded inputs and random state)."""
-    from torch.func import functional_call, jvp
+    """``J r``: the change of the stem's output along the random parameter direction of ``draw``,
+    by a central difference of two replays of the stem (recorded inputs and random state) without
+    gradients: a forward-mode pass would hold each map with its tangent and BatchNorm's
+    forward-mode temporaries (about twice the peak on the ResNet-18 config's stem)."""
+    from torch.func import functional_call
 
     named = [(n, p) for n, p in stem.module.named_parameters() if p.requires_grad]
-    names = [n for n, _ in named]
-    primals = tuple(p.detach() for _, p in named)
-    tangents = tuple(_param_r([p for _, p in named], seeds_for([p for _, p in named], draw)))
+    rs = _param_r([p for _, p in named], seeds_for([p for _, p in named], draw))
+    norm_p = sum(float(p.detach().float().pow(2).sum()) for _, p in named) ** 0.5
+    norm_r = sum(float(r.pow(2).sum()) for r in rs) ** 0.5
+    eps = 1e-4 * max(norm_p, 1e-3) / max(norm_r, 1e-12)  # a step of 1e-4 of the parameters' size
 
-    def run(*ps):
-        return _first_tensor(functional_call(stem.module, dict(zip(names, ps)), stem.args, stem.kwargs))
-
-    device = primals[0].device
-    # the replay normalises with the batch's statistics, as the forward did, without updating the
-    # running ones (an in-place update inside a functional transform is refused)
+    device = named[0][1].device
+    # the replays normalise with the batch's statistics, as the forward did, without updating the running ones
     norms = [m for m in stem.module.modules() if uses_batch_statistics(m)]
     kept = [(m.running_mean, m.running_var, m.num_batches_tracked) for m in norms]
+    outs = []
     try:
         for m in norms:
             m.running_mean = m.running_var = m.num_batches_tracked = None
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
-            _set_rng(stem.rng, device)
-            _, tangent = jvp(run, primals, tangents)
+        for sign in (1.0, -1.0):
+            moved = {n: p.detach() + (sign * eps) * r for (n, p), r in zip(named, rs)}
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
+                _set_rng(stem.rng, device)
+                outs.append(_first_tensor(functional_call(stem.module, moved, stem.args, stem.kwargs)).float())
+            del moved
     finally:
         for m, (mean, var, count) in zip(norms, kept):
             m.running_mean, m.running_var, m.num_batches_tracked = mean, var, count
-    return tangent
+    plus, minus = outs
+    return plus.sub_(minus).div_(2 * eps)
 
 
 def _param_r(params: list[torch.Tensor], seeds: list[int]) -> list[torch.Tensor]:
@@ -379,47 +392,54 @@ def _param_r(params: list[torch.Tensor], seeds: list[int]) -> list[torch.Tensor]
     return out
 
 
-def linear_sensitivities(act: "ActivationCompressor", recorder: SegmentRecorder, params: list[torch.Tensor],
-                         draws: int, seed: int, bar=None) -> tuple[dict[int, float], set[int]]:
-    """({number: E||e_l||**2 at the probe width}, every number saved below or inside the segments):
-    the first for every float tensor saved there that has a graph (see the module docstring). Call after the probe's forward and a first backward with
-    ``retain_graph`` (the recorder then holds each segment's output gradient). Raises
+class LinearProbe:
+    """The walk, in two parts around the probe's sampling:
+
+    - :meth:`below` (needs the probe's retained graph): the adjoint the first segment gets from
+      the parameters below it, and those tensors' terms;
+    - :meth:`sweep` (does not: the graph and the reference gradient may be released first, so the
+      replays run on top of little more than the recorded block inputs): a batch-normalising
+      stem's adjoint, then every segment.
+
+    ``reached``: every number saved below or inside the segments; saves among them that the walk
+    cannot differentiate by (constants such as a dropout's noise: no graph) get no estimate, as
+    under the whole-graph derivative (the allocator gives them the median). Raises
     :class:`ChainError` when the model is not a chain of segments as the forward ran."""
-    if recorder.error is not None:
-        raise ChainError(recorder.error)
-    segs = recorder.segments
-    for seg in segs:
-        if seg.calls != 1 or seg.grad_out is None:
-            raise ChainError(f"{seg.name} did not run once with a gradient at its output")
-    state = act._probe
-    seg_params: set[int] = set()
-    for seg in segs:
-        seg_params.update(id(p) for p in seg.module.parameters())
-    position = {id(p): i for i, p in enumerate(params)}
-    base_seed = seed * 1_000_003
 
-    def seeds_for(ps: list[torch.Tensor], d: int) -> list[int]:
-        return [base_seed + 7919 * d + position[id(p)] for p in ps]
-
-    caps = _Captures(act, draws)
-    # saves the walk reaches but cannot differentiate by (constants such as a dropout's noise: no
-    # graph) get no estimate, as under the whole-graph derivative: the allocator gives them the median
-    reached = {i for seg in segs for i in seg.packs if i is not None}
-    # below the first segment: its parameter gradients as a function of the first segment's input gradient
-    adj: list[torch.Tensor | None] = [None] * draws
-    x1, u1 = recorder.first_input, recorder.first_grad
-    below = [p for p in params if id(p) not in seg_params]
-    stem = recorder.stem
-    if stem is not None and any(uses_batch_statistics(m) for m in stem.module.modules()):
+    def __init__(self, act: "ActivationCompressor", recorder: SegmentRecorder, params: list[torch.Tensor],
+                 draws: int, seed: int) -> None:
+        if recorder.error is not None:
+            raise ChainError(recorder.error)
+        for seg in recorder.segments:
+            if seg.calls != 1 or seg.grad_out is None:
+                raise ChainError(f"{seg.name} did not run once with a gradient at its output")
+        self.act, self.recorder, self.params, self.draws = act, recorder, params, draws
+        seg_params = {id(p) for seg in recorder.segments for p in seg.module.parameters()}
+        self.below_params = [p for p in params if id(p) not in seg_params]
+        position = {id(p): i for i, p in enumerate(params)}
+        base_seed = seed * 1_000_003
+        self.seeds_for = lambda ps, d: [base_seed + 7919 * d + position[id(p)] for p in ps]
+        self.caps = _Captures(act, draws)
+        self.adj: list[torch.Tensor | None] = [None] * draws  # the next segment's input adjoint, per draw
+        self.reached = {i for seg in recorder.segments for i in seg.packs if i is not None}
+        stem = recorder.stem
         # a stem normalising over the batch (a CNN's conv-BN stem): its double backward would hold
-        # several copies of the largest maps of the net, so its adjoint comes from one forward-mode
-        # pass instead (d(r . g_stem)/du = J r, J the stem's Jacobian in its parameters) and its
-        # own tensors are sampled with the head's
-        for d in range(draws):
-            adj[d] = _stem_tangent(stem, seeds_for, d)
-    elif x1 is not None and x1.grad_fn is not None and u1 is not None and below:
-        reached |= {i for i, _ in recorder.below}
-        u = u1.detach().requires_grad_()
+        # several copies of the net's largest maps, so its adjoint comes from replays
+        # (d(r . g_stem)/du = J r, J the stem's Jacobian in its parameters) and its tensors are sampled
+        self.stem = stem if stem is not None and any(uses_batch_statistics(m) for m in stem.module.modules()) else None
+        x1, u1 = recorder.first_input, recorder.first_grad
+        self._below = (self.stem is None and x1 is not None and x1.grad_fn is not None and u1 is not None
+                       and bool(self.below_params))
+        if self._below:
+            self.reached |= {i for i, _ in recorder.below}
+
+    def below(self) -> None:
+        """Embeddings and other layers below the first segment, through the retained graph."""
+        if not self._below:
+            return
+        recorder, state, draws = self.recorder, self.act._probe, self.draws
+        x1, below = recorder.first_input, self.below_params
+        u = recorder.first_grad.detach().requires_grad_()
         state.leaves, state.noisy = [], "values"  # the compressor reports each tensor it hands out
         try:
             grads = torch.autograd.grad(x1, below, grad_outputs=u, create_graph=True, allow_unused=True)
@@ -436,19 +456,24 @@ def linear_sensitivities(act: "ActivationCompressor", recorder: SegmentRecorder,
         for d in range(draws):
             if not live:
                 break
-            rs = _param_r([p for p, _ in live], seeds_for([p for p, _ in live], d))
-            dot = sum((g * r).sum() for (_, g), r in zip(live, rs))
-            out = _double_backward(dot, [x1], [u] + edges, retain=True)  # the probe's graph is still needed
-            adj[d] = out[0]
-            caps.add(targets, out[1:])
-        del grads, live, values, targets, u
-    caps.clear_cache()
-    for seg in segs:
-        _segment(act, seg, adj, caps, seeds_for, draws)
-        caps.clear_cache()
-        if bar is not None:
-            bar.update(1)
-    return caps.err, reached
+            rs = _param_r([p for p, _ in live], self.seeds_for([p for p, _ in live], d))
+            out = _double_backward([g for _, g in live], rs, [x1], [u] + edges, retain=True)  # the graph stays
+            self.adj[d] = out[0]
+            self.caps.add(targets, out[1:])
+        self.caps.clear_cache()
+
+    def sweep(self, bar=None) -> dict[int, float]:
+        """Every segment, first to last; returns {number: E||e_l||**2 at the probe width}."""
+        self.recorder.first_input = None  # it holds the graph below it
+        if self.stem is not None:
+            for d in range(self.draws):
+                self.adj[d] = _stem_tangent(self.stem, self.seeds_for, d)
+        for seg in self.recorder.segments:
+            _segment(self.act, seg, self.adj, self.caps, self.seeds_for, self.draws)
+            self.caps.clear_cache()
+            if bar is not None:
+                bar.update(1)
+        return self.caps.err
 
 
 SLICES = 4  # a block without batch statistics is replayed in this many slices of the batch
@@ -533,15 +558,15 @@ def _replay(act, seg: _Segment, take: Callable, adj: list, caps: _Captures, seed
     inputs = [u] + [t for _, t in targets]
     result: list[torch.Tensor | None] = [None] * draws
     for d in range(draws):
-        terms = []
-        if live:
-            rs = _param_r([p for p, _ in live], seeds_for([p for p, _ in live], d))
-            terms += [(g * r).sum() for (_, g), r in zip(live, rs)]
+        outputs = [g for _, g in live]
+        weights = _param_r([p for p, _ in live], seeds_for([p for p, _ in live], d))
         if adj[d] is not None and d_in is not None and d_in.requires_grad:
-            terms.append((d_in * adj[d]).sum())
-        if not terms:
+            outputs.append(d_in)
+            weights.append(adj[d])
+        if not outputs:
             continue
-        grads_d = _double_backward(sum(terms), roots, inputs, retain=d < draws - 1)
+        grads_d = _double_backward(outputs, weights, roots, inputs, retain=d < draws - 1)
+        del outputs, weights
         result[d] = grads_d[0]
         caps.add(targets, grads_d[1:])
     return result
@@ -567,4 +592,4 @@ def rounding_variance(t: torch.Tensor, bits: int, group_size: int) -> torch.Tens
 
 def warn_sampling(method: str, reason: str) -> None:
     warnings.warn(f"lowbit {method}: the linear probe cannot walk this model ({reason}); sensitivities are "
-                  "sampled instead (slower)", RuntimeWarning, stacklevel=4)
+                  "sampled instead (slower)", RuntimeWarning, stacklevel=5)
