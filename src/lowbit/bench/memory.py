@@ -69,6 +69,19 @@ def peak_rss_bytes() -> int:
     raise RuntimeError("no VmHWM in /proc/self/status")
 
 
+def start_peak(cuda: bool) -> tuple[int, bool]:
+    """Collect garbage, hand free heap back and reset the high-water mark: (bytes in use now,
+    whether a peak can be read: CPU needs Linux's /proc/self/clear_refs)."""
+    gc.collect()
+    trim_heap()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated(), True
+    can_peak = reset_peak_rss()
+    return rss_bytes(), can_peak
+
+
 def measure_held_memory(model: str, method: str, bits: float | None, batch_size: int, repeats: int = 3,
                         device: str = "cpu", size: str = "small", seq: int | None = None, vocab: int | None = None,
                         train: bool = False, timeout: float | None = None) -> dict:
@@ -145,15 +158,8 @@ def _child(args) -> dict:
     held, peak, step_peak = [], [], []
     can_peak = True
     for r in range(args.repeats + 2):  # two warm-up steps: lazy allocations, gradients, kernel compilation
-        gc.collect()
-        trim_heap()
-        if cuda:
-            torch.cuda.synchronize()
-            before = torch.cuda.memory_allocated()
-            torch.cuda.reset_peak_memory_stats()
-        else:
-            before = rss_bytes()
-            can_peak = reset_peak_rss() and can_peak
+        before, ok = start_peak(cuda)
+        can_peak = ok and can_peak
         with act:
             loss = loss_closure()
         gc.collect()
