@@ -105,12 +105,6 @@ def _version_tracker(t: torch.Tensor) -> torch.Tensor | None:
         return None
 
 
-def _alive(owner: weakref.ref) -> bool:
-    """Whether the first tensor saved from a storage is still referenced, i.e. whether a later
-    save of the same storage shares its entry (a dead tensor's storage may be reused)."""
-    return owner() is not None
-
-
 def _symbolic(t: torch.Tensor) -> bool:
     """True for the fake / meta / functional tensors torch.compile traces with (no data to encode)."""
     if t.device.type == "meta" or torch.compiler.is_compiling():
@@ -282,7 +276,7 @@ class ActivationCompressor:
         if hit is not None:
             owner, entry_ref = hit
             entry = entry_ref()
-            if _alive(owner) and entry is not None:
+            if owner() is not None and entry is not None:
                 entry.pending += 1
                 saved.entry = entry
                 return saved
@@ -383,7 +377,7 @@ class ActivationCompressor:
         else:
             out = restore_layout(base, saved.size, saved.stride, saved.offset, entry.span)
         if noisy == "values" and entry.kind == "float":
-            self._probe.leaves.append((entry.index, out))
+            self._probe.values.append((entry.index, out))
         return out
 
     def _probe_unpack(self, entry: _Entry, noisy) -> torch.Tensor:

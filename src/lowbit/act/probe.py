@@ -36,7 +36,6 @@ A progress bar shows when a probe runs longer than a couple of seconds.
 """
 from __future__ import annotations
 
-import warnings
 from typing import TYPE_CHECKING, Callable
 
 import torch
@@ -74,7 +73,7 @@ class ProbeState:
         self.context = context  # which module is running (needs the compressor's model=)
         self.position = position  # module name -> its place inside a repeated block (block_positions)
         self.recorder = recorder  # the linear probe's segment hooks
-        self.leaves: list[tuple[int, torch.Tensor]] = []  # ("values" mode) the saved tensors handed out
+        self.values: list[tuple[int, torch.Tensor]] = []  # ("values" mode) the saved tensors handed out
         self.codec = UniformCodec(bits=self.STORE_BITS, rounding="nearest")  # deterministic: no random state used
 
     def note_pack(self, index: int | None, t: torch.Tensor) -> None:

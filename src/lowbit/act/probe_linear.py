@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import warnings
 import weakref
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Callable
 
 import torch
@@ -248,11 +249,20 @@ def _rng_state(device: torch.device) -> tuple:
     return torch.get_rng_state(), cuda
 
 
-def _set_rng(state: tuple, device: torch.device) -> None:
+@contextmanager
+def _replaying(state: tuple, device: torch.device):
+    """Run with the random state ``state`` (from :func:`_rng_state`), the caller's restored after."""
     cpu, cuda = state
-    torch.set_rng_state(cpu)
-    if cuda is not None:
-        torch.cuda.set_rng_state(cuda, device)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda, device)
+        yield
+
+
+def _batch_norms(module: nn.Module) -> list[nn.Module]:
+    """The layers of ``module`` that normalise over the batch (their result couples the samples)."""
+    return [m for m in module.modules() if uses_batch_statistics(m)]
 
 
 class _Captures:
@@ -365,7 +375,7 @@ def _stem_tangent(stem: _Segment, seeds_for: Callable, draw: int) -> torch.Tenso
 
     device = named[0][1].device
     # the replays normalise with the batch's statistics, as the forward did, without updating the running ones
-    norms = [m for m in stem.module.modules() if uses_batch_statistics(m)]
+    norms = _batch_norms(stem.module)
     kept = [(m.running_mean, m.running_var, m.num_batches_tracked) for m in norms]
     outs = []
     try:
@@ -373,8 +383,7 @@ def _stem_tangent(stem: _Segment, seeds_for: Callable, draw: int) -> torch.Tenso
             m.running_mean = m.running_var = m.num_batches_tracked = None
         for sign in (1.0, -1.0):
             moved = {n: p.detach() + (sign * eps) * r for (n, p), r in zip(named, rs)}
-            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
-                _set_rng(stem.rng, device)
+            with _replaying(stem.rng, device), torch.no_grad():
                 outs.append(_first_tensor(functional_call(stem.module, moved, stem.args, stem.kwargs)).float())
             del moved
     finally:
@@ -426,7 +435,7 @@ class LinearProbe:
         # a stem normalising over the batch (a CNN's conv-BN stem): its double backward would hold
         # several copies of the net's largest maps, so its adjoint comes from replays
         # (d(r . g_stem)/du = J r, J the stem's Jacobian in its parameters) and its tensors are sampled
-        self.stem = stem if stem is not None and any(uses_batch_statistics(m) for m in stem.module.modules()) else None
+        self.stem = stem if stem is not None and _batch_norms(stem.module) else None
         x1, u1 = recorder.first_input, recorder.first_grad
         self._below = (self.stem is None and x1 is not None and x1.grad_fn is not None and u1 is not None
                        and bool(self.below_params))
@@ -440,12 +449,12 @@ class LinearProbe:
         recorder, state, draws = self.recorder, self.act._probe, self.draws
         x1, below = recorder.first_input, self.below_params
         u = recorder.first_grad.detach().requires_grad_()
-        state.leaves, state.noisy = [], "values"  # the compressor reports each tensor it hands out
+        state.values, state.noisy = [], "values"  # the compressor reports each tensor it hands out
         try:
             grads = torch.autograd.grad(x1, below, grad_outputs=u, create_graph=True, allow_unused=True)
         finally:
             state.noisy = None
-        values, state.leaves = state.leaves, []
+        values, state.values = state.values, []
         targets, edges = [], []
         for index, edge in recorder.below:
             value = next((v for i, v in values if i == index), None)
@@ -483,7 +492,7 @@ def _batch_slices(seg: _Segment, batch: int) -> list[slice]:
     """Slices of the batch to replay ``seg`` in: the replay's graphs are per sample, so a quarter
     of the batch at a time holds a quarter of the memory. One slice for a block whose result
     couples the samples (BatchNorm on batch statistics) or a batch too small to split."""
-    if batch < 2 or any(uses_batch_statistics(m) for m in seg.module.modules()):
+    if batch < 2 or _batch_norms(seg.module):
         return [slice(0, batch)]
     step = -(-batch // SLICES)
     return [slice(s, min(s + step, batch)) for s in range(0, batch, step)]
@@ -538,10 +547,8 @@ def _replay(act, seg: _Segment, take: Callable, adj: list, caps: _Captures, seed
     checkpointed = isinstance(seg.module.__dict__.get("forward"), _CheckpointedForward)
     pack, unpack, count = _replay_hooks(seg, targets, checkpointed)
     device = x.device
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        _set_rng(seg.rng, device)
-        with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
-            out = forward(*args, **kwargs)
+    with _replaying(seg.rng, device), torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        out = forward(*args, **kwargs)
     if count[0] != len(seg.packs) and not checkpointed:
         raise ChainError(f"{seg.name} saves {count[0]} tensors when replayed, {len(seg.packs)} in the probe's forward")
     y = _first_tensor(out)
